@@ -1,0 +1,191 @@
+"""Reading shards in one plain process, without Ray: tests, benchmarks, single-process training."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.decode import OnCorrupt, check_decoded, check_on_corrupt, decode_sample
+from pipeline.data.errors import DataError
+from pipeline.data.shards import expected_chw, read_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadStats:
+    """Counts kept by the readers; ``skipped`` lists corrupt samples skipped in skip mode."""
+
+    samples: int = 0
+    skipped: int = 0
+    skipped_keys: list[str] = field(default_factory=list)
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar: ``{"__key__", "__url__", ext: bytes, ...}``, grouped by key.
+
+    The key is a member's name up to its first dot; a sample's members must be contiguous.
+    """
+    url = str(path)
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    try:
+        with tarfile.open(url, mode="r|") as tar:
+            for ti in tar:
+                if not ti.isreg():
+                    continue
+                key, dot, ext = ti.name.partition(".")
+                if not dot:
+                    continue
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        seen.add(current["__key__"])
+                        yield current
+                    if key in seen:
+                        raise DataError(f"shard {url}: members of sample {key} are not contiguous")
+                    current = {"__key__": key, "__url__": url}
+                f = tar.extractfile(ti)
+                assert f is not None
+                current[ext] = f.read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(
+            f"shard {url} is unreadable ({type(e).__name__}: {e}); verify or rebuild the dataset"
+        ) from e
+    if current is not None:
+        yield current
+
+
+def iter_samples(
+    paths: list[str],
+    *,
+    on_corrupt: OnCorrupt = "fail",
+    stats: ReadStats | None = None,
+    expected_shape: tuple[int, ...] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Decoded samples of ``paths`` in order; corrupt ones raise or are skipped and counted.
+
+    A sample without image or label, or (given ``expected_shape``, CHW) with an image of
+    another shape, counts as corrupt.
+    """
+    check_on_corrupt(on_corrupt)
+    stats = stats if stats is not None else ReadStats()
+    for path in paths:
+        for raw in iter_tar_samples(path):
+            try:
+                s = check_decoded(decode_sample(raw), path, expected_shape)
+            except DataError as e:
+                if on_corrupt == "fail":
+                    raise
+                stats.skipped += 1
+                stats.skipped_keys.append(raw["__key__"])
+                log.warning("skipping corrupt sample (%d skipped so far): %s", stats.skipped, e)
+                continue
+            stats.samples += 1
+            yield s
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples])),  # (B, C, H, W)
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),  # (B,)
+        "caption": [s.get("caption", "") for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+def _shuffled(
+    it: Iterator[dict[str, Any]], rng: np.random.Generator, buffer: int
+) -> Iterator[dict[str, Any]]:
+    """Shuffle-buffer: fill ``buffer`` samples, then emit a random one per new sample."""
+    buf: list[dict[str, Any]] = []
+    for s in it:
+        if len(buf) < buffer:
+            buf.append(s)
+            continue
+        i = int(rng.integers(len(buf)))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)  # type: ignore[arg-type]
+    yield from buf
+
+
+def iterate_batches(
+    directory: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    epochs: int | None = None,
+    drop_last: bool = True,
+    on_corrupt: OnCorrupt = "fail",
+    shuffle_buffer: int = 8192,
+    stats: ReadStats | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Batches of ``split``: ``{"image": (B, C, H, W) float32, "label": (B,) int64,
+    "caption": list[str], "key": list[str]}``.
+
+    ``epochs=None`` repeats forever. With ``shuffle``, each epoch permutes the shard order
+    and passes samples through a shuffle buffer, both seeded by ``(seed, epoch)``.
+    Skipped corrupt samples (``on_corrupt="skip"``) are logged and counted in ``stats``.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    check_on_corrupt(on_corrupt)
+    paths = shard_paths(directory, split)
+    shape = expected_chw(read_manifest(directory))
+    if not paths:
+        raise DataError(f"split {split!r} of {directory} has no shards")
+    stats = stats if stats is not None else ReadStats()
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        rng = np.random.default_rng([seed, epoch])
+        order = [paths[i] for i in rng.permutation(len(paths))] if shuffle else paths
+        it = iter_samples(order, on_corrupt=on_corrupt, stats=stats, expected_shape=shape)
+        if shuffle:
+            it = _shuffled(it, rng, shuffle_buffer)
+        n_batches = 0
+        batch: list[dict[str, Any]] = []
+        for s in it:
+            batch.append(s)
+            if len(batch) == batch_size:
+                yield _collate(batch)
+                n_batches += 1
+                batch = []
+        if batch and not drop_last:
+            yield _collate(batch)
+            n_batches += 1
+        if n_batches == 0:
+            raise DataError(
+                f"split {split!r} of {directory} yields no batch of {batch_size} "
+                f"({stats.samples} samples read, drop_last={drop_last})"
+            )
+        epoch += 1
+
+
+def load_split(directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fail") -> dict[str, Any]:
+    """A whole split in memory, in shard order, for evaluation.
+
+    Returns ``{"image": (N, C, H, W) float32 ndarray, "label": (N,) int64, "caption": list[str],
+    "key": list[str], "skipped": int}``.
+    """
+    stats = ReadStats()
+    shape = expected_chw(read_manifest(directory))
+    paths = shard_paths(directory, split)
+    samples = list(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=shape))
+    if not samples:
+        raise DataError(f"split {split!r} of {directory} has no samples")
+    return {
+        "image": np.stack([s["image"] for s in samples]),
+        "label": np.array([s["label"] for s in samples], dtype=np.int64),
+        "caption": [s.get("caption", "") for s in samples],
+        "key": [s["key"] for s in samples],
+        "skipped": stats.skipped,
+    }

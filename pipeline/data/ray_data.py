@@ -1,0 +1,95 @@
+"""The Ray Data path: shards -> ``ray.data.read_webdataset`` -> decoding in Ray Data tasks.
+
+``read_webdataset`` is called with ``decoder=None`` (no built-in decoding at all, so
+nothing can be unpickled) and ``suffixes`` limited to the members we write; the raw
+bytes are then decoded by :func:`pipeline.data.decode.decode_sample` in ``map_batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from ray.data import FileShuffleConfig
+
+from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_sample
+from pipeline.data.errors import DataError
+from pipeline.data.shards import expected_chw, read_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+
+def _is_member(value: Any) -> bool:
+    return isinstance(value, bytes | bytearray | memoryview)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], *, on_corrupt: OnCorrupt, expected_shape: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """Raw WebDataset rows (``__key__``, ``__url__``, ext -> bytes) to decoded columns.
+
+    Returns ``{"image": (B, C, H, W) float32, "label": (B,) int64, "caption": (B,) str,
+    "key": (B,) str}``; in skip mode, corrupt rows are dropped and logged with their count.
+    """
+    keys = batch["__key__"]
+    cols = [c for c in batch if c in KNOWN_EXTS or c in ("__key__", "__url__")]
+    images, labels, captions, out_keys, skipped = [], [], [], [], []
+    for i in range(len(keys)):
+        members = {c: batch[c][i] for c in cols if c.startswith("__") or _is_member(batch[c][i])}
+        try:
+            s = check_decoded(decode_sample(members), str(members.get("__url__", "?")), expected_shape)
+        except DataError as e:
+            if on_corrupt == "fail":
+                raise
+            skipped.append(str(e))
+            continue
+        images.append(s["image"])
+        labels.append(s["label"])
+        captions.append(s.get("caption", ""))
+        out_keys.append(s["key"])
+    if skipped:
+        log.warning("skipped %d corrupt sample(s) in this batch: %s", len(skipped), "; ".join(skipped))
+    return {
+        "image": np.stack(images) if images else np.zeros((0, *expected_shape), np.float32),
+        "label": np.asarray(labels, dtype=np.int64),
+        "caption": np.asarray(captions, dtype=object),
+        "key": np.asarray(out_keys, dtype=object),
+    }
+
+
+def ray_dataset(
+    directory: str | Path,
+    split: str,
+    *,
+    shuffle_seed: int | None = None,
+    on_corrupt: OnCorrupt = "fail",
+    batch_size: int = 256,
+) -> ray.data.Dataset:
+    """A Ray Dataset of ``{"image": float32 CHW in [-1, 1] (or latent), "label": int64, "caption", "key"}``.
+
+    ``shuffle_seed`` shuffles the shard order (reseeded every execution, i.e. each epoch);
+    row-level shuffling is the consumer's ``local_shuffle_buffer_size``. Decoding runs in
+    Ray Data tasks (``map_batches`` of ``batch_size`` rows).
+    """
+    check_on_corrupt(on_corrupt)
+    manifest = read_manifest(directory)
+    paths = shard_paths(directory, split)
+    if not paths:
+        raise DataError(f"split {split!r} of {directory} has no shards")
+    ds = ray.data.read_webdataset(
+        paths,
+        decoder=None,  # raw bytes only: Ray's default decoder is never involved
+        suffixes=list(KNOWN_EXTS),  # other members (.pyd, .pth, ...) are dropped while grouping
+        shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
+        file_extensions=["tar"],
+    )
+    return ds.map_batches(
+        decode_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"on_corrupt": on_corrupt, "expected_shape": expected_chw(manifest)},
+    )

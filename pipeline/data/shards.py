@@ -1,0 +1,466 @@
+"""Writing WebDataset shards (plain ustar tars) atomically, and their manifest.
+
+A dataset directory holds ``train-000000.tar ...``, ``test-000000.tar ...`` and
+``manifest.json``, written last. Each shard is written under a hidden temporary name in
+the same directory, fsynced and only then renamed into place, so a file with a final
+name is always complete; a directory without ``manifest.json`` is an unfinished build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import __version__
+from pipeline.data.errors import DataError
+from pipeline.data.sources import Sample, iter_source, source_classes
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "genpipe-shards/1"
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+
+
+# ---------------------------------------------------------------- manifest model
+
+
+class ShardInfo(BaseModel):
+    """One shard file of a split."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    num_samples: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class SplitInfo(BaseModel):
+    """One split: its sample count, per-label counts and shards."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(ge=0)
+    labels: dict[int, int]
+    shards: list[ShardInfo]
+
+
+class Manifest(BaseModel):
+    """Contents of ``manifest.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["genpipe-shards/1"] = MANIFEST_FORMAT
+    source: str
+    created_by: str = f"genpipe {__version__}"
+    encoding: Literal["png", "npy"] = "png"  # member holding the image / latent
+    image_size: list[int] = Field(min_length=3, max_length=3)  # [H, W, C]; for latents the array is (C, H, W)
+    num_classes: int = Field(ge=0)
+    class_names: list[str] | None = None
+    seed: int | None = None
+    held_out: float | None = None
+    splits: dict[str, SplitInfo]
+
+
+def expected_chw(manifest: Manifest) -> tuple[int, int, int]:
+    """The decoded image / latent shape (C, H, W) that the manifest promises."""
+    h, w, c = manifest.image_size
+    return (c, h, w)
+
+
+# ---------------------------------------------------------------- tar writing
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-through file wrapper that hashes and counts what is written."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        n = self._f.write(b)
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return n
+
+    def tell(self) -> int:
+        return self.nbytes
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+class _ShardWriter:
+    """Writes samples (dicts of member ext -> bytes) into numbered ustar shards."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_size: int) -> None:
+        if not _PREFIX_RE.match(prefix):
+            raise DataError(f"shard prefix {prefix!r} must match {_PREFIX_RE.pattern}")
+        if shard_size < 1:
+            raise DataError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+        self.shards: list[ShardInfo] = []
+        self.labels: dict[int, int] = {}
+        self._keys: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._file: io.BufferedWriter | None = None
+        self._hash: _HashingFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        self._file = open(self._tmp, "wb")  # closed in _close() or abort()
+        self._hash = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def add(self, key: str, members: dict[str, bytes], label: int) -> None:
+        """Add one sample; members are written in sorted extension order."""
+        if not _KEY_RE.match(key):
+            raise DataError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots, no slashes)")
+        if key in self._keys:
+            raise DataError(f"duplicate sample key {key!r} in {self.out_dir}/{self.prefix}-*.tar")
+        self._keys.add(key)
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        for ext in sorted(members):
+            data = members[ext]
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            self._tar.addfile(ti, io.BytesIO(data))
+        self.labels[label] = self.labels.get(label, 0) + 1
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._close()
+
+    def _close(self) -> None:
+        assert self._tar is not None and self._file is not None and self._hash and self._tmp
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        os.replace(self._tmp, self.out_dir / name)
+        _fsync_dir(self.out_dir)
+        self.shards.append(
+            ShardInfo(
+                name=name, num_samples=self._count, sha256=self._hash.sha.hexdigest(), bytes=self._hash.nbytes
+            )
+        )
+        self._tar = self._file = self._hash = self._tmp = None
+
+    def finish(self) -> list[ShardInfo]:
+        """Close the last (partial) shard and return all shards written."""
+        if self._tar is not None:
+            self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file); finished shards stay."""
+        if self._file is not None:
+            self._file.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._tar = self._file = self._hash = self._tmp = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.labels.values())
+
+    def split_info(self) -> SplitInfo:
+        return SplitInfo(
+            num_samples=self.num_samples, labels=dict(sorted(self.labels.items())), shards=self.shards
+        )
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) with C in {1, 3} -> lossless PNG bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise DataError(f"expected a uint8 (H, W, 1|3) image, found {image.dtype} {image.shape}")
+    pil = Image.fromarray(
+        image[:, :, 0] if image.shape[2] == 1 else image, mode="L" if image.shape[2] == 1 else "RGB"
+    )
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _sample_members(s: Sample) -> dict[str, bytes]:
+    members = {
+        "png": encode_png(s["image"]),
+        "cls": str(int(s["label"])).encode("ascii"),
+        "txt": s["caption"].encode("utf-8"),
+    }
+    if s.get("extra"):
+        members["json"] = json.dumps(s["extra"], sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return members
+
+
+def _write(
+    items: Iterable[tuple[str, dict[str, bytes], int]], out_dir: Path, prefix: str, shard_size: int
+) -> _ShardWriter:
+    w = _ShardWriter(Path(out_dir), prefix, shard_size)
+    try:
+        for key, members, label in items:
+            w.add(key, members, label)
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
+    return w
+
+
+def write_shards(
+    samples: Iterable[Sample], out_dir: str | Path, *, prefix: str = "train", shard_size: int = 512
+) -> list[ShardInfo]:
+    """Write samples as ``<prefix>-NNNNNN.tar`` ustar shards (png, cls, txt, json members)."""
+    items = ((s["key"], _sample_members(s), int(s["label"])) for s in samples)
+    return _write(items, Path(out_dir), prefix, shard_size).shards
+
+
+def write_array_shards(
+    rows: Iterable[dict[str, Any]], out_dir: str | Path, *, prefix: str = "train", shard_size: int = 512
+) -> list[ShardInfo]:
+    """Write latent rows ``{"key", "array" (or "image"), "label", "caption"}`` as npy shards.
+
+    Members: ``<key>.npy`` (float32, ``np.save(allow_pickle=False)``), ``<key>.cls``,
+    ``<key>.txt``.
+    """
+
+    def items() -> Iterator[tuple[str, dict[str, bytes], int]]:
+        for r in rows:
+            arr = r["array"] if "array" in r else r["image"]
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)), allow_pickle=False)
+            members = {
+                "npy": buf.getvalue(),
+                "cls": str(int(r["label"])).encode("ascii"),
+                "txt": str(r.get("caption", "")).encode("utf-8"),
+            }
+            yield str(r["key"]), members, int(r["label"])
+
+    return _write(items(), Path(out_dir), prefix, shard_size).shards
+
+
+# ---------------------------------------------------------------- dataset build
+
+
+def _stratified_split(labels: np.ndarray, held_out: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out (test) samples: round(held_out * n_c) of each class c."""
+    rng = np.random.default_rng([seed, 0x5E17])
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_test = int(round(held_out * len(idx)))
+        if 0 < held_out and len(idx) > 1:
+            n_test = min(max(n_test, 1), len(idx) - 1)  # keep every class in both splits
+        test[rng.permutation(idx)[:n_test]] = True
+    return test
+
+
+def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
+    """Atomically write ``manifest.json`` (the last step of any build)."""
+    data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False).encode("utf-8") + b"\n"
+    _atomic_write_bytes(Path(out_dir) / MANIFEST, data)
+
+
+def build_dataset(
+    source: str,
+    out: str | Path,
+    *,
+    image_size: int | None = None,
+    held_out: float = 0.15,
+    shard_size: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Manifest:
+    """Build ``train``/``test`` shards and ``manifest.json`` (written last) from ``source``.
+
+    The held-out split is stratified by label and deterministic in ``seed``; each split
+    is shuffled (deterministically) before writing so every shard mixes labels. An
+    existing dataset in ``out`` is replaced only with ``overwrite=True``.
+    """
+    out = Path(out)
+    if not 0.0 <= held_out < 1.0:
+        raise DataError(f"held_out must be in [0, 1), got {held_out}")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass overwrite=True to rebuild it")
+        (out / MANIFEST).unlink()  # from here on the directory reads as unfinished
+        _fsync_dir(out)
+    class_names = source_classes(source)
+    samples = list(iter_source(source, image_size=image_size, seed=seed))
+    if not samples:
+        raise DataError(f"source {source!r} yielded no samples")
+    shape = samples[0]["image"].shape
+    for s in samples:
+        if s["image"].shape != shape or s["image"].dtype != np.uint8:
+            raise DataError(
+                f"sample {s['key']} of {source!r}: found {s['image'].dtype} {s['image'].shape}, "
+                f"expected uint8 {shape}"
+            )
+    labels = np.array([s["label"] for s in samples])
+    test = _stratified_split(labels, held_out, seed)
+    rng = np.random.default_rng([seed, 0x0ADE])
+    splits: dict[str, SplitInfo] = {}
+    for split, mask in (("train", ~test), ("test", test)):
+        order = rng.permutation(np.flatnonzero(mask))
+        items = ((samples[i]["key"], _sample_members(samples[i]), int(samples[i]["label"])) for i in order)
+        splits[split] = _write(items, out, split, shard_size).split_info()
+    manifest = Manifest(
+        source=source,
+        image_size=[int(shape[0]), int(shape[1]), int(shape[2])],
+        num_classes=len(class_names),
+        class_names=class_names,
+        seed=seed,
+        held_out=held_out,
+        splits=splits,
+    )
+    write_manifest(out, manifest)
+    _remove_stale(out, manifest)
+    log.info(
+        "built %s: %s",
+        out,
+        ", ".join(f"{k} {v.num_samples} samples in {len(v.shards)} shards" for k, v in splits.items()),
+    )
+    return manifest
+
+
+def _remove_stale(out: Path, manifest: Manifest) -> None:
+    """Remove shards of an earlier build that the new manifest does not list."""
+    listed = {sh.name for sp in manifest.splits.values() for sh in sp.shards}
+    for split in manifest.splits:
+        for p in out.glob(f"{split}-*.tar"):
+            if p.name not in listed:
+                p.unlink()
+
+
+# ---------------------------------------------------------------- reading / checking
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and check ``manifest.json``: every listed shard must exist with its recorded size."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(
+            f"dataset directory {d} does not exist; build it with `pipeline data build --out {d}`"
+        )
+    path = d / MANIFEST
+    if not path.is_file():
+        tars = sorted(p.name for p in d.glob("*.tar"))
+        if not tars:
+            raise DataError(
+                f"{d} holds no shards and no {MANIFEST}; build it with `pipeline data build --out {d}`"
+            )
+        raise DataError(
+            f"{d} has {len(tars)} shard(s) but no {MANIFEST}: an unfinished or interrupted build; "
+            "rebuild it with `pipeline data build`"
+        )
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise DataError(f"malformed {path}: {problems}") from e
+    shards = [sh for sp in manifest.splits.values() for sh in sp.shards]
+    if not shards:
+        raise DataError(f"{path} lists no shards; rebuild the dataset")
+    for split, info in manifest.splits.items():
+        if sum(sh.num_samples for sh in info.shards) != info.num_samples:
+            raise DataError(
+                f"malformed {path}: split {split} shard sample counts do not add up to num_samples"
+            )
+    for sh in shards:
+        p = d / sh.name
+        if not p.is_file():
+            raise DataError(f"shard {sh.name} listed in {path} is missing from {d}; rebuild the dataset")
+        size = p.stat().st_size
+        if size != sh.bytes:
+            raise DataError(f"shard {p} has {size} bytes, {path} says {sh.bytes}; rebuild the dataset")
+    return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(directory: str | Path) -> Manifest:
+    """Recompute every shard's sha256; raise :class:`DataError` naming the first that differs."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    for sp in manifest.splits.values():
+        for sh in sp.shards:
+            got = _sha256_file(d / sh.name)
+            if got != sh.sha256:
+                raise DataError(
+                    f"shard {d / sh.name} is corrupt: sha256 {got}, manifest says {sh.sha256}; "
+                    "rebuild the dataset"
+                )
+    return manifest
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    """sha256 of the ``manifest.json`` bytes: the dataset's lineage id."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"no {MANIFEST} in {directory}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shard_paths(directory: str | Path, split: str) -> list[str]:
+    """Absolute paths of ``split``'s shards, in manifest order."""
+    d = Path(directory).resolve()
+    manifest = read_manifest(d)
+    if split not in manifest.splits:
+        raise DataError(f"{d} has no split {split!r}; splits: {', '.join(manifest.splits)}")
+    return [str(d / sh.name) for sh in manifest.splits[split].shards]
