@@ -152,8 +152,9 @@ def make_autoscaling_config(
     }
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, temp_dir: Path, host: str, port: int,
-                timeout_s: float) -> None:
+def _wait_ready(
+    proc: subprocess.Popen[bytes], log_path: Path, temp_dir: Path, host: str, port: int, timeout_s: float
+) -> None:
     """Block until ``ray start`` reports the runtime up and the GCS port accepts connections."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

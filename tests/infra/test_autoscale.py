@@ -50,7 +50,9 @@ def test_scales_up_for_worker_resource_and_down_when_idle() -> None:
         while len(_alive_nodes()) > 1 and time.monotonic() < deadline:
             time.sleep(1)
         remaining = _alive_nodes()
-        assert len(remaining) == 1, f"idle workers not removed: {len(remaining)} nodes alive\n{cluster.log_tail()}"
+        assert len(remaining) == 1, (
+            f"idle workers not removed: {len(remaining)} nodes alive\n{cluster.log_tail()}"
+        )
         t_down = time.monotonic() - t0
         group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == cluster.pid]
         assert group, "the cluster's processes should share the leader's process group"
