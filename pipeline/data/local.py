@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.data.decode import OnCorrupt, check_decoded, check_on_corrupt, decode_sample
 from pipeline.data.errors import DataError
@@ -92,6 +91,8 @@ def iter_samples(
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch  # here, so that building shards does not need torch
+
     return {
         "image": torch.from_numpy(np.stack([s["image"] for s in samples])),  # (B, C, H, W)
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),  # (B,)
