@@ -43,7 +43,7 @@ def test_photos_crops() -> None:
     assert len(samples) == len(PHOTO_NAMES) * PHOTO_CROPS
     assert all(s["image"].shape == (32, 32, 3) and s["image"].dtype == np.uint8 for s in samples)
     assert samples[0]["caption"] == f"a crop of the {PHOTO_NAMES[0]} photograph"
-    assert [s["label"] for s in samples[:: PHOTO_CROPS]] == list(range(len(PHOTO_NAMES)))
+    assert [s["label"] for s in samples[::PHOTO_CROPS]] == list(range(len(PHOTO_NAMES)))
     again = list(iter_source("photos", seed=0))
     assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(samples, again, strict=True))
     other = next(iter(iter_source("photos", seed=1)))
