@@ -100,11 +100,13 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_h
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block ``GN-SiLU-conv -> (+ emb) -> GN-SiLU-dropout-conv`` with a skip path.
+    """Pre-activation residual block ``GN-SiLU-conv -> GN (scale/shift by emb) -SiLU-dropout-conv`` + skip.
 
-    When ``emb_dim`` is given, a projection of the (timestep [+ class]) embedding is added as a
-    per-channel bias between the two convolutions. The last convolution is zero-initialised, so
-    the block starts as its skip connection.
+    When ``emb_dim`` is given, the (timestep [+ class]) embedding is projected to a per-channel
+    scale and shift applied right after the second GroupNorm: ``GN(h) * (1 + scale) + shift``.
+    (A plain additive bias *before* the norm would be normalised away when a group holds a single
+    channel, as happens at tiny widths.) The last convolution is zero-initialised, so the block
+    starts as its skip connection.
     """
 
     def __init__(
@@ -119,7 +121,7 @@ class ResBlock(nn.Module):
         out_channels = out_channels or in_channels
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels)) if emb_dim else None
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels)) if emb_dim else None
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -128,10 +130,11 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.emb_proj is not None and emb is not None:
-            h = h + self.emb_proj(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+            h = torch.addcmul(shift, h, 1 + scale)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
