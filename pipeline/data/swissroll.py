@@ -38,6 +38,15 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_projections: int = 256, s
     pb = np.sort(b @ dirs, axis=0)
     if pa.shape[0] != pb.shape[0]:
         levels = (np.arange(max(len(pa), len(pb))) + 0.5) / max(len(pa), len(pb))
-        pa = np.quantile(pa, levels, axis=0)
-        pb = np.quantile(pb, levels, axis=0)
+        pa, pb = _quantiles(pa, levels), _quantiles(pb, levels)
     return float(np.sqrt(np.mean((pa - pb) ** 2)))
+
+
+def _quantiles(sorted_cols: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Linearly interpolated quantiles of each (already sorted) column at ``levels`` in (0, 1)."""
+    n = sorted_cols.shape[0]
+    pos = np.clip(levels * n - 0.5, 0, n - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = (pos - lo)[:, None]
+    return sorted_cols[lo] * (1 - frac) + sorted_cols[hi] * frac

@@ -44,6 +44,8 @@ def strided_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def linear_betas(num_timesteps: int) -> Tensor:
     """Ho et al. linear β from 1e-4 to 0.02 (notes 2.2.3), rescaled so T != 1000 keeps ᾱ_T similar."""
+    if num_timesteps <= 20:
+        raise ValueError("the rescaled linear schedule needs T > 20 (β_T = 20 / T must stay below 1)")
     scale = 1000.0 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
 

@@ -62,7 +62,7 @@ def test_split_learned_sigma():
         split_learned_sigma(out, 2)
     with pytest.raises(ValueError):
         model_eps_x0(
-            Schedule.make("linear", 10), out[:, :3], out[:, :3], torch.zeros(2, dtype=torch.long), "y"
+            Schedule.make("linear", 30), out[:, :3], out[:, :3], torch.zeros(2, dtype=torch.long), "y"
         )
 
 
