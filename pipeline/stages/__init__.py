@@ -1,0 +1,476 @@
+"""The stage chain of a job: each stage trains (or encodes), evaluates, registers, gates.
+
+One MLflow parent run per pipeline invocation, one child run per stage. Downstream stages load
+their inputs from the registry by alias (`models:/NAME@champion`) and record the exact version.
+A stage whose champion was produced by the same spec and inputs is skipped; a stage interrupted
+mid-way resumes from its last Ray Train checkpoint (same run name, same storage path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import tracking
+from pipeline.config import JobSpec, flatten
+from pipeline.data import DataError, build_dataset, load_split, manifest_sha256, read_manifest
+
+log = logging.getLogger("pipeline")
+
+LATENT_ROOT = ".pipeline/latents"
+
+
+@dataclass
+class StageOutcome:
+    """What one stage produced."""
+
+    name: str
+    status: str  # trained | skipped | encoded | cached
+    version: str | None = None
+    champion: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class JobContext:
+    """Everything the stages share during one invocation."""
+
+    spec: JobSpec
+    spec_path: Path
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage: str
+    data_dir: Path
+    refs: dict[str, tracking.ModelRef] = field(default_factory=dict)  # stage -> version it produced/used
+    latent_dirs: dict[str, Path] = field(default_factory=dict)  # encode stage -> latent shards
+    outcomes: list[StageOutcome] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def ensure_data(spec: JobSpec) -> Path:
+    """The job's shards, built from the bundled source on first use."""
+    data_dir = Path(spec.data.dir)
+    if (data_dir / "manifest.json").is_file():
+        manifest = read_manifest(data_dir)
+        if spec.data.source != "shards" and manifest.source != spec.data.source:
+            raise DataError(f"{data_dir} holds shards of '{manifest.source}', but the spec's data.source is "
+                            f"'{spec.data.source}'; point data.dir elsewhere or remove it")
+        return data_dir
+    if spec.data.source == "shards":
+        raise DataError(f"no shards at {data_dir}; build them with `pipeline data build`")
+    log.info("building %s shards in %s", spec.data.source, data_dir)
+    build_dataset(spec.data.source, data_dir, image_size=spec.data.image_size, held_out=spec.data.held_out,
+                  shard_size=spec.data.shard_size, seed=spec.seed)
+    return data_dir
+
+
+def init_ray(spec: JobSpec) -> None:
+    """Connect to the cluster named by the spec or $RAY_ADDRESS, or start Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
+           "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (or `ray job submit`): the job's own runtime env reaches the workers
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _stage_key(ctx: JobContext, name: str, inputs: dict[str, str]) -> str:
+    payload = {"stage": ctx.spec.stage_hash(name), "inputs": inputs,
+               "data": manifest_sha256(ctx.data_dir)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
+    """The registered version each needed stage's champion points to now."""
+    refs: dict[str, tracking.ModelRef] = {}
+    for need in ctx.spec.stages[name].needs:
+        stage = ctx.spec.stages[need]
+        if stage.kind == "encode":
+            refs.update(_input_refs(ctx, need))
+            continue
+        refs[need] = tracking.resolve(f"models:/{stage.registry.name}@champion")
+    return refs
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _pixel_dataset(ctx: JobContext, data_dir: Path):
+    from pipeline.data.ray_data import ray_dataset
+
+    ds = ray_dataset(data_dir, "train", shuffle_seed=ctx.spec.seed, on_corrupt=ctx.spec.data.on_corrupt)
+    return ds.select_columns(["image", "label"])
+
+
+def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict[str, Any],
+         suffix: str = "") -> Path:
+    from pipeline.train.ray_worker import fit_stage
+
+    stage = ctx.spec.stages[name]
+    config = {"stage": stage.model_dump(mode="json"), "seed": ctx.spec.seed, "tracking_uri": ctx.uri,
+              "run_id": run_id, **extra}
+    result = fit_stage(config, dataset, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}",
+                       storage_path=ctx.storage)
+    if result.error:
+        raise result.error
+    out = Path(tempfile.mkdtemp(prefix=f"pipeline-{name}-"))
+    result.checkpoint.to_directory(str(out))
+    export = out / "export"
+    if not (export / "model.safetensors").is_file():
+        raise RuntimeError(f"stage {name}: the final checkpoint holds no exported weights")
+    return export
+
+
+def _log_png(run_id: str, png: bytes, path: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(path).name
+        p.write_bytes(png)
+        MlflowClient().log_artifact(run_id, str(p), str(Path(path).parent) if "/" in path else None)
+
+
+def _log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+
+
+def run_autoencoder(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
+    """Train the KL-VAE; evaluate reconstruction on held-out images."""
+    from pipeline.eval import image_grid
+    from pipeline.train.export import load_exported
+
+    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), {})
+    model, _ = load_exported(export)
+    test = load_split(ctx.data_dir, "test")
+    x = torch.from_numpy(test["image"])
+    with torch.no_grad():
+        mean, _ = model.encode(x)
+        recon = model.decode(mean)
+    mse = float(((recon - x) ** 2).mean())
+    baseline = float(((x - x.mean(0, keepdim=True)) ** 2).mean())
+    psnr = float(10 * np.log10(4.0 / max(mse, 1e-12)))  # data range [-1, 1] → peak-to-peak 2
+    metrics = {"eval/recon_mse": mse, "eval/mean_image_mse": baseline, "eval/psnr": psnr}
+    grid = torch.stack([x[:16], recon[:16]], 1).flatten(0, 1)
+    _log_png(run_id, image_grid(grid, nrow=8, scale=4), "samples/reconstructions.png")
+    return export, metrics
+
+
+def run_classifier(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
+    """Train the image classifier; evaluate accuracy on held-out images."""
+    from pipeline.eval import classify
+    from pipeline.train.export import load_exported
+
+    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), {})
+    model, _ = load_exported(export)
+    test = load_split(ctx.data_dir, "test")
+    pred = classify(model, torch.from_numpy(test["image"]))
+    acc = float((pred.numpy() == test["label"]).mean())
+    return export, {"eval/accuracy": acc}
+
+
+class _Encoder:
+    """Ray Data batch-inference callable: images → scaled-free latent means."""
+
+    def __init__(self, model_dir: str):
+        from pipeline.train.export import load_exported
+
+        torch.set_num_threads(1)
+        self.model, _ = load_exported(model_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            mean, _ = self.model.encode(torch.from_numpy(np.asarray(batch["image"], dtype=np.float32)))
+        return {"array": mean.numpy(), "label": batch["label"], "caption": batch["caption"],
+                "key": batch["key"]}
+
+
+def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef]) -> StageOutcome:
+    """Encode every split with the registered autoencoder (Ray Data batch inference), once per version."""
+    from pipeline.data import write_array_shards, write_manifest
+    from pipeline.data.ray_data import ray_dataset
+    from pipeline.data.shards import Manifest
+
+    (ae_stage, ref), = inputs.items()
+    out = Path(LATENT_ROOT) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
+    ctx.latent_dirs[name] = out
+    if (out / "manifest.json").is_file():
+        log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version, out)
+        return StageOutcome(name, "cached")
+    model_dir = tracking.download(ref)
+    stage = ctx.spec.stages[name]
+    manifest = read_manifest(ctx.data_dir)
+    splits = {}
+    scale = None
+    tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp_out.mkdir(parents=True, exist_ok=True)
+    shape = None
+    for split in ("train", "test"):
+        ds = ray_dataset(ctx.data_dir, split, on_corrupt=ctx.spec.data.on_corrupt)
+        ds = ds.map_batches(_Encoder, fn_constructor_args=(model_dir,), batch_size=stage.batch_size,
+                            concurrency=1, num_cpus=1)
+        rows = []
+        for batch in ds.iter_batches(batch_size=stage.batch_size, batch_format="numpy"):
+            for i in range(len(batch["label"])):
+                rows.append({"key": batch["key"][i], "array": batch["array"][i], "label": int(batch["label"][i]),
+                             "caption": str(batch["caption"][i])})
+        arrays = np.stack([r["array"] for r in rows])
+        if scale is None:  # LDM's latent scaling: unit variance on the training split
+            scale = float(1.0 / arrays.std())
+        for r in rows:
+            r["array"] = r["array"] * scale
+        shape = arrays.shape[1:]
+        shards = write_array_shards(rows, tmp_out, prefix=split, shard_size=ctx.spec.data.shard_size)
+        labels: dict[int, int] = {}
+        for r in rows:
+            labels[r["label"]] = labels.get(r["label"], 0) + 1
+        splits[split] = {"num_samples": len(rows), "labels": labels, "shards": [s.model_dump() for s in shards]}
+    c, h, w = shape
+    latent_manifest = Manifest(source=f"latents:{ref.uri}", encoding="npy", image_size=[h, w, c],
+                               num_classes=manifest.num_classes, class_names=manifest.class_names,
+                               seed=manifest.seed, held_out=manifest.held_out, splits=splits)
+    (tmp_out / "scale.json").write_text(json.dumps({"latent_scale": scale, "autoencoder": ref.uri}))
+    write_manifest(tmp_out, latent_manifest)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp_out, out)
+    log.info("[%s] wrote latents of %s v%s to %s (scale %.4f)", name, ref.name, ref.version, out, scale)
+    return StageOutcome(name, "encoded", metrics={"latent_scale": scale})
+
+
+def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, guidance: float,
+                    num_samples: int, prefix: str, sampler: str = "ddim") -> dict[str, float]:
+    """Sample class-conditionally, log a grid, and measure against held-out data."""
+    from pipeline.eval import generate, image_grid, sample_metrics
+
+    gen = load_generator(model_dir)
+    classifier = _classifier(ctx)
+    n_cls = gen.num_classes
+    labels = torch.arange(num_samples) % n_cls
+    t0 = time.perf_counter()
+    fake = generate(gen, labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed)
+    secs = time.perf_counter() - t0
+    grid_labels = torch.arange(n_cls).repeat_interleave(8)
+    grid = generate(gen, grid_labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed + 1)
+    _log_png(run_id, image_grid(grid, nrow=8, scale=4), f"samples/{prefix}grid.png")
+    metrics = {"samples_per_sec": num_samples / secs}
+    if classifier is not None:
+        real = torch.from_numpy(load_split(ctx.data_dir, "test")["image"])
+        metrics.update(sample_metrics(fake, labels, real, classifier))
+    return {f"eval/{prefix}{k}": v for k, v in metrics.items()}
+
+
+def _classifier(ctx: JobContext):
+    from pipeline.train.export import load_exported
+
+    name = ctx.spec.eval.classifier
+    if not name or name not in ctx.refs:
+        return None
+    model, _ = load_exported(tracking.download(ctx.refs[name]))
+    return model
+
+
+def load_generator(model_dir: str | Path):
+    """A diffusion model with its decoder (the autoencoder it was trained on, from the registry)."""
+    from pipeline.eval import Generator
+    from pipeline.train.export import load_exported
+
+    model, meta = load_exported(model_dir)
+    decoder = None
+    ae_uri = meta["extra"].get("autoencoder")
+    if ae_uri:
+        decoder, _ = load_exported(tracking.download(tracking.resolve(ae_uri)))
+    return Generator(model, meta, decoder)
+
+
+def run_diffusion(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
+    """Train DDPM on the latents (or pixels) of its input; evaluate samples."""
+    stage = ctx.spec.stages[name]
+    encode = next((n for n in stage.needs if ctx.spec.stages[n].kind == "encode"), None)
+    if encode:
+        data_dir = ctx.latent_dirs[encode]
+        info = json.loads((data_dir / "scale.json").read_text())
+        data_info = {"latent_scale": info["latent_scale"], "autoencoder": info["autoencoder"]}
+    else:
+        data_dir, data_info = ctx.data_dir, {"latent_scale": 1.0}
+    manifest = read_manifest(data_dir)
+    h, w, c = manifest.image_size
+    data_info["sample_shape"] = [c, h, w]
+    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir),
+                  {"num_classes": manifest.num_classes, "data_info": data_info})
+    s = stage.sampling
+    metrics = _eval_generator(ctx, run_id, export, steps=s.steps, guidance=s.guidance,
+                              num_samples=min(s.num_samples, ctx.spec.eval.num_samples), prefix="",
+                              sampler=s.sampler)
+    return export, metrics
+
+
+def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
+    """Progressive distillation: `halvings` rounds, each student becoming the next teacher."""
+    from pipeline.diffusion.schedule import strided_timesteps
+    from pipeline.train.export import read_meta
+
+    stage = ctx.spec.stages[name]
+    (teacher_stage, teacher_ref), = inputs.items()
+    teacher_dir = Path(tracking.download(teacher_ref))
+    meta = read_meta(teacher_dir)
+    T = int(meta["extra"]["diffusion"].get("timesteps", 1000))
+    timesteps = strided_timesteps(T, stage.teacher_steps)
+    teacher_data_dir = _data_dir_of(ctx, teacher_stage)
+    metrics: dict[str, float] = {}
+    s = stage.sampling
+    n = min(s.num_samples, ctx.spec.eval.num_samples)
+    teacher_guidance = stage.guidance
+    metrics.update(_eval_generator(ctx, run_id, teacher_dir, steps=timesteps, guidance=teacher_guidance,
+                                   num_samples=n, prefix=f"teacher_{len(timesteps)}steps_"))
+    for h in range(stage.halvings):
+        log.info("[%s] halving %d/%d: %d → %d steps", name, h + 1, stage.halvings, len(timesteps),
+                 len(timesteps) // 2)
+        teacher_dir = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, teacher_data_dir),
+                           {"inputs": {"teacher": str(teacher_dir)}, "teacher_timesteps": timesteps},
+                           suffix=f"-h{h + 1}")
+        timesteps = sorted(timesteps)[1::2]
+        metrics.update(_eval_generator(ctx, run_id, teacher_dir, steps=timesteps, guidance=0.0,
+                                       num_samples=n, prefix=f"student_{len(timesteps)}steps_"))
+    # The gate reads the final student's numbers under stable names.
+    final = f"student_{len(timesteps)}steps_"
+    metrics.update({k.replace(final, ""): v for k, v in list(metrics.items()) if final in k})
+    return teacher_dir, metrics
+
+
+def _data_dir_of(ctx: JobContext, stage_name: str) -> Path:
+    stage = ctx.spec.stages[stage_name]
+    for need in stage.needs:
+        if need in ctx.latent_dirs:
+            return ctx.latent_dirs[need]
+    return ctx.data_dir
+
+
+RUNNERS = {"autoencoder": run_autoencoder, "classifier": run_classifier, "diffusion": run_diffusion,
+           "distill": run_distill}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
+    """Run every stage of `spec` in order; returns what each stage did."""
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    uri = tracking.tracking_uri(spec.tracking.uri)
+    tracking.connect(uri)
+    data_dir = ensure_data(spec)
+    init_ray(spec)
+    experiment = spec.tracking.experiment or spec.name
+    exp = mlflow.set_experiment(experiment)
+    client = MlflowClient()
+    parent = client.create_run(exp.experiment_id, run_name=f"{spec.name}",
+                               tags={"pipeline.job": spec.name, "pipeline.spec_path": str(spec_path),
+                                     "pipeline.code_version": tracking.code_version()})
+    ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=exp.experiment_id,
+                     parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir)
+    client.log_artifact(parent.info.run_id, str(spec_path), "spec")
+    tracking.log_params_flat(parent.info.run_id, flatten(spec.model_dump(mode="json")))
+    status = "FAILED"
+    try:
+        for name in spec.stages:
+            ctx.outcomes.append(_run_stage(ctx, name))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent.info.run_id, status)
+    return ctx.outcomes
+
+
+def _run_stage(ctx: JobContext, name: str) -> StageOutcome:
+    from mlflow.tracking import MlflowClient
+
+    spec, stage = ctx.spec, ctx.spec.stages[name]
+    client = MlflowClient()
+    t0 = time.perf_counter()
+    inputs = _input_refs(ctx, name)
+    if stage.kind == "encode":
+        log.info("[%s] encoding with %s", name, ", ".join(f"{r.name} v{r.version}" for r in inputs.values()))
+        outcome = run_encode(ctx, name, inputs)
+        outcome.seconds = time.perf_counter() - t0
+        return outcome
+    key = _stage_key(ctx, name, {k: v.uri for k, v in inputs.items()})
+    champion = tracking.find_alias(stage.registry.name, "champion")
+    if champion and champion.tags.get("pipeline.stage_key") == key:
+        log.info("[%s] skipped: champion %s v%s was produced by this spec and these inputs",
+                 name, champion.name, champion.version)
+        ctx.refs[name] = champion
+        return StageOutcome(name, "skipped", champion.version, True, seconds=time.perf_counter() - t0)
+    log.info("[%s] training (%s) — inputs: %s", name, stage.kind,
+             ", ".join(f"{r.name} v{r.version}" for r in inputs.values()) or "data only")
+    run = client.create_run(ctx.experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": ctx.parent_run_id, "pipeline.stage": name,
+                                  "pipeline.stage_key": key})
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        tracking.log_params_flat(run_id, flatten(stage.model_dump(mode="json")))
+        client.log_artifact(run_id, str(ctx.spec_path), "spec")
+        for role, ref in inputs.items():
+            client.set_tag(run_id, f"pipeline.input.{role}", ref.uri)
+        export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
+        _log_metrics(run_id, metrics)
+        tags = {"pipeline.stage_key": key, "pipeline.spec_sha256": spec.stage_hash(name),
+                "pipeline.data_manifest_sha256": manifest_sha256(ctx.data_dir),
+                "pipeline.code_version": tracking.code_version(), "pipeline.job": spec.name,
+                **{f"pipeline.input.{k}": v.uri for k, v in inputs.items()}}
+        ref = tracking.register(stage.registry.name, run_id, export, tags)
+        tracking.set_alias(ref.name, "candidate", ref.version)
+        gate = stage.registry.gate
+        promoted = gate is None or gate.passes(metrics)
+        if promoted:
+            tracking.set_alias(ref.name, "champion", ref.version)
+            ctx.refs[name] = ref
+        else:
+            log.warning("[%s] %s v%s did not pass its gate (%s = %s); champion unchanged", name, ref.name,
+                        ref.version, gate.metric, metrics.get(gate.metric))
+            prev = tracking.find_alias(stage.registry.name, "champion")
+            if prev is None:
+                raise RuntimeError(f"stage {name}: {ref.name} v{ref.version} failed its gate "
+                                   f"({gate.metric}={metrics.get(gate.metric)}) and there is no earlier "
+                                   "champion for the next stages to use")
+            ctx.refs[name] = prev
+        status = "FINISHED"
+        shown = {k: round(v, 4) for k, v in metrics.items()}
+        log.info("[%s] registered %s v%s%s  %s", name, ref.name, ref.version,
+                 " → champion" if promoted else "", shown)
+        return StageOutcome(name, "trained", ref.version, promoted, metrics, time.perf_counter() - t0)
+    finally:
+        client.set_terminated(run_id, status)

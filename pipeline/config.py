@@ -1,0 +1,363 @@
+"""Job specs: YAML parsed into pydantic models, validated whole before any work starts.
+
+A job file describes a whole run: its data, its stages (each with a model, an objective, a
+trainer scale, a step budget, a checkpoint cadence, an evaluation and a registry name).
+Errors name the file, the key path and what was expected; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(Exception):
+    """A user error in a job spec: the message is complete and meant to be shown as is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(_Strict):
+    """A network from the model registry: `name` plus constructor arguments."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScaleSpec(_Strict):
+    """How a stage is spread over Ray Train workers and what DeepSpeed does on each."""
+
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    max_failures: int = Field(1, ge=-1)
+
+
+class TrainSpec(_Strict):
+    """Step budget, optimisation and checkpoint cadence of a training stage."""
+
+    steps: int = Field(..., ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    torch_threads: int = Field(1, ge=1)
+
+
+class GateSpec(_Strict):
+    """A metric threshold: `champion` moves to the new version only when it passes."""
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GateSpec:
+        if self.max is None and self.min is None:
+            raise ValueError("a gate needs `max` or `min`")
+        return self
+
+    def passes(self, metrics: dict[str, float]) -> bool:
+        """True when `metrics[metric]` is within the bounds."""
+        value = metrics.get(self.metric)
+        if value is None or value != value:  # missing or NaN
+            return False
+        if self.max is not None and value > self.max:
+            return False
+        return not (self.min is not None and value < self.min)
+
+
+class RegisterSpec(_Strict):
+    """Where a stage's result is registered in the MLflow model registry."""
+
+    name: str
+    gate: GateSpec | None = None
+
+
+class _StageBase(_Strict):
+    needs: list[str] = Field(default_factory=list)
+
+
+class _TrainedStage(_StageBase):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    registry: RegisterSpec = Field(alias="register")
+
+
+class AutoencoderStage(_TrainedStage):
+    """KL-regularised autoencoder (the first stage of latent diffusion)."""
+
+    kind: Literal["autoencoder"]
+    model: ModelSpec
+    objective: dict[str, Any] = Field(default_factory=lambda: {"beta": 1e-4})
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+
+class ClassifierStage(_TrainedStage):
+    """Classifier of (optionally noisy) real images, used by evaluation and guidance."""
+
+    kind: Literal["classifier"]
+    model: ModelSpec
+    noisy: bool = False
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+
+class EncodeStage(_StageBase):
+    """Ray Data batch inference with the registered autoencoder, writing latent shards."""
+
+    kind: Literal["encode"]
+    batch_size: int = Field(256, ge=1)
+
+
+class DiffusionSpec(_Strict):
+    """The diffusion process and its training objective."""
+
+    schedule: Literal["linear", "cosine"] = "cosine"
+    timesteps: int = Field(1000, ge=2)
+    parameterization: Literal["eps", "x0", "v"] = "eps"
+    loss: Literal["simple", "hybrid"] = "simple"
+    lambda_vlb: float = Field(0.001, ge=0)
+    learn_sigma: bool = False
+    label_dropout: float = Field(0.1, ge=0, le=1)
+
+
+class SamplingSpec(_Strict):
+    """How samples are drawn for the grid and the evaluation."""
+
+    sampler: Literal["ddim", "ancestral"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)
+    guidance: float = Field(0.0, ge=0)
+    num_samples: int = Field(500, ge=1)
+
+
+class DiffusionStage(_TrainedStage):
+    """Class-conditional DDPM on the latents (or pixels) of its input."""
+
+    kind: Literal["diffusion"]
+    model: ModelSpec
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+
+class DistillStage(_TrainedStage):
+    """Progressive distillation: each halving trains a student on two teacher DDIM steps."""
+
+    kind: Literal["distill"]
+    teacher_steps: int = Field(16, ge=2)
+    halvings: int = Field(2, ge=1)
+    parameterization: Literal["v", "x0"] = "v"
+    guidance: float = Field(0.0, ge=0)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _divisible(self) -> DistillStage:
+        if self.teacher_steps % (2**self.halvings):
+            raise ValueError(
+                f"teacher_steps={self.teacher_steps} must be divisible by 2**halvings={2**self.halvings}"
+            )
+        return self
+
+
+Stage = Annotated[
+    AutoencoderStage | ClassifierStage | EncodeStage | DiffusionStage | DistillStage,
+    Field(discriminator="kind"),
+]
+
+
+class DataSpec(_Strict):
+    """Where the training data comes from: a bundled source or existing shards."""
+
+    source: str = "digits"
+    dir: str = "data/digits"
+    image_size: int | None = Field(None, ge=4)
+    held_out: float = Field(0.15, gt=0, lt=1)
+    shard_size: int = Field(512, ge=1)
+    on_corrupt: Literal["skip", "fail"] = "fail"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v in ("digits", "photos", "shards") or v.startswith("imagefolder:"):
+            return v
+        raise ValueError("expected one of 'digits', 'photos', 'shards', 'imagefolder:PATH'")
+
+
+class TrackingSpec(_Strict):
+    """MLflow tracking: `uri` defaults to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class EvalSpec(_Strict):
+    """End-of-pipeline evaluation against held-out data."""
+
+    classifier: str | None = "classifier"
+    num_samples: int = Field(500, ge=10)
+
+
+class RaySpec(_Strict):
+    """Where Ray runs: in-process by default, or an existing cluster's address."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(8, ge=1)
+    storage: str = ".pipeline/ray"
+
+
+class JobSpec(_Strict):
+    """A whole run: data, stages and where results go."""
+
+    name: str
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: dict[str, Stage]
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _needs_exist(self) -> JobSpec:
+        names = list(self.stages)
+        for name, stage in self.stages.items():
+            for need in stage.needs:
+                if need not in self.stages:
+                    raise ValueError(
+                        f"stage '{name}' needs '{need}', which is not a stage of this job "
+                        f"(stages: {', '.join(names)})"
+                    )
+                if names.index(need) > names.index(name):
+                    raise ValueError(f"stage '{name}' needs '{need}', which comes after it")
+        if self.eval.classifier is not None and self.eval.classifier not in self.stages:
+            raise ValueError(f"eval.classifier '{self.eval.classifier}' is not a stage of this job")
+        return self
+
+    def stage_hash(self, name: str) -> str:
+        """A hash of everything that determines a stage's result (its spec, data and seed)."""
+        payload = {
+            "stage": self.stages[name].model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json"),
+            "seed": self.seed,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see jobs/ldm.yaml for the known keys)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        ctx = err.get("ctx", {})
+        return f"expected `kind` to be one of {ctx.get('expected_tags', '')}"
+    msg = err.get("msg", "invalid value")
+    if "input" in err and kind not in ("value_error",):
+        return f"{msg}, got {err['input']!r}"
+    return msg.removeprefix("Value error, ")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] == "stages" and parts[2] in _STAGE_KINDS:
+        del parts[2]  # pydantic's discriminator tag, not a key of the file
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+_STAGE_KINDS = {"autoencoder", "classifier", "encode", "diffusion", "distill"}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (value parsed as YAML) to a raw spec mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"{source}: --set {item!r}: expected key.path=value")
+        path, value_text = item.split("=", 1)
+        keys = path.strip().split(".")
+        try:
+            value = yaml.safe_load(value_text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{source}: --set {path}: value is not valid YAML ({exc})") from None
+        node: Any = raw
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node, dict):
+                raise SpecError(f"{source}: --set {path}: '{'.'.join(keys[:i])}' is not a mapping")
+            node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{source}: --set {path}: '{'.'.join(keys[:-1])}' is not a mapping")
+        node[keys[-1]] = value
+    return raw
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    """Validate a raw mapping into a JobSpec, turning pydantic errors into one SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid job spec ({exc.error_count()} problem(s)):"]
+        for err in exc.errors():
+            lines.append(f"  {_loc(err['loc'])}: {_describe_error(err)}")
+        raise SpecError("\n".join(lines)) from None
+    _check_files(spec, source)
+    return spec
+
+
+def _check_files(spec: JobSpec, source: str) -> None:
+    if spec.data.source.startswith("imagefolder:"):
+        path = Path(spec.data.source.split(":", 1)[1])
+        if not path.is_dir():
+            raise SpecError(f"{source}: data.source: image folder '{path}' does not exist")
+    if spec.data.source == "shards" and not (Path(spec.data.dir) / "manifest.json").is_file():
+        raise SpecError(
+            f"{source}: data.dir: no shards at '{spec.data.dir}' (manifest.json missing); "
+            "build them with `pipeline data build`"
+        )
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job file. Raises SpecError with a complete message."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: job file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [], str(path))
+    return parse_spec(raw, str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,251 @@
+"""The per-worker training loop: one code path under Ray Train and in a plain process.
+
+The loop knows nothing about Ray: it gets a `WorkerContext` that says who it is, where its
+batches come from, how to report metrics and checkpoints, and which checkpoint to resume.
+`pipeline.train.ray_worker` builds that context from Ray Train; `run_plain` builds it for
+one process (world_size=1), which is how unit tests and GPU benchmarks run the same loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from pipeline.train.ema import EMA
+from pipeline.train.engine import autocast, device_for, gathered_params, make_engine, resolve_precision
+from pipeline.train.export import export_weights
+from pipeline.train.tasks import Task
+
+log = logging.getLogger("pipeline.train")
+
+CKPT_TAG = "ckpt"
+STATE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+EXPORT_DIR = "export"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf and the spec says to stop."""
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from its surroundings."""
+
+    rank: int
+    world_size: int
+    batches: Callable[[int], Iterator[dict[str, Any]]]  # epoch -> batches of this worker
+    report: Callable[[dict[str, float], str | None], None]  # (metrics, checkpoint dir or None)
+    resume_dir: str | None = None
+    log_metrics: Callable[[dict[str, float], int], None] | None = None
+    step_times: list[float] = field(default_factory=list)
+    wait_times: list[float] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _cycle(ctx: WorkerContext, start_epoch: int, cache: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Endless batches. With `cache`, the first pass streams and later epochs replay it, reshuffled."""
+    epoch = start_epoch
+    if cache:
+        kept: list[dict[str, Any]] = []
+        for batch in ctx.batches(epoch):
+            kept.append(batch)
+            yield epoch, batch
+        if not kept:
+            raise RuntimeError(f"worker {ctx.rank} received no training batches (too few samples?)")
+        g = torch.Generator().manual_seed(1000 + ctx.rank)
+        while True:
+            epoch += 1
+            images = torch.cat([b["image"] for b in kept])
+            labels = torch.cat([b["label"] for b in kept])
+            perm = torch.randperm(len(images), generator=g)
+            bs = len(kept[0]["image"])
+            for i in range(0, len(perm) - bs + 1, bs):
+                idx = perm[i:i + bs]
+                yield epoch, {"image": images[idx], "label": labels[idx]}
+    while True:
+        n = 0
+        for batch in ctx.batches(epoch):
+            n += 1
+            yield epoch, batch
+        if n == 0:
+            raise RuntimeError(f"worker {ctx.rank} received no training batches (too few samples?)")
+        epoch += 1
+
+
+def _all_true(flag: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: WorkerContext, *,
+               seed: int, cache_batches: bool = True) -> dict[str, float]:
+    """Train `task` for `train['steps']` global steps; returns the last logged metrics.
+
+    Every `checkpoint_every` steps (and at the end) a checkpoint holding the DeepSpeed state
+    (model, optimizer, scheduler), the EMA weights, the step and the RNG state is reported.
+    The last report also carries the exported EMA weights (safetensors) under `export/`.
+    """
+    device = device_for(scale.get("gpus_per_worker", 0.0))
+    precision = resolve_precision(scale.get("precision", "auto"), device)
+    torch.set_num_threads(int(train.get("torch_threads", 1)))
+    _seed_all(seed * 1000 + ctx.rank)
+
+    model = task.build_model()
+    micro = max(1, train["batch_size"] // ctx.world_size)
+    engine = make_engine(model, lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
+                         warmup_steps=train.get("warmup_steps", 0), micro_batch=micro,
+                         zero_stage=scale.get("zero_stage", 1), grad_clip=train.get("grad_clip", 1.0),
+                         device=device)
+    with gathered_params(engine):
+        ema = EMA(engine.module, train.get("ema_decay", 0.999))
+
+    step = 0
+    skipped = 0
+    gen = torch.Generator(device=device).manual_seed(seed * 7919 + ctx.rank * 104729)
+    if ctx.resume_dir:
+        engine.load_checkpoint(ctx.resume_dir, tag=CKPT_TAG)
+        state = json.loads((Path(ctx.resume_dir) / STATE).read_text())
+        step, skipped = int(state["step"]), int(state.get("skipped", 0))
+        ema.load_state_dict(load_file(str(Path(ctx.resume_dir) / EMA_FILE)))
+        rng_file = Path(ctx.resume_dir) / f"rng_rank{ctx.rank}.safetensors"
+        if rng_file.is_file():
+            rng = load_file(str(rng_file))
+            _set_rng_state(rng)
+            gen.set_state(rng["gen"])
+        log.info("rank %d resumed at step %d from %s", ctx.rank, step, ctx.resume_dir)
+
+    total = int(train["steps"])
+    resumed_at = step
+    every = int(train["checkpoint_every"])
+    log_every = int(train.get("log_every", 10))
+    on_nonfinite = train.get("on_nonfinite", "stop")
+    metrics: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    count = 0
+    batches = _cycle(ctx, start_epoch=step, cache=cache_batches)
+    t_log = time.perf_counter()
+
+    while step < total:
+        t0 = time.perf_counter()
+        epoch, batch = next(batches)
+        t1 = time.perf_counter()
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with autocast(precision, device):
+            loss, parts = task.loss(engine, batch, gen)
+        finite = _all_true(bool(torch.isfinite(loss).item()), device)
+        if not finite:
+            if on_nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (train.on_nonfinite=stop)")
+            skipped += 1
+            log.warning("rank %d: non-finite loss at step %d skipped", ctx.rank, step)
+            continue
+        engine.backward(loss)
+        engine.step()
+        with gathered_params(engine):
+            ema.update(engine.module, step)
+        step += 1
+        ctx.wait_times.append(t1 - t0)
+        ctx.step_times.append(time.perf_counter() - t0)
+        for k, v in {"loss": loss, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        count += 1
+        if step % log_every == 0 or step == total:
+            metrics = {f"train/{k}": v / count for k, v in sums.items()}
+            metrics["train/lr"] = float(engine.get_lr()[0])
+            metrics["train/epoch"] = float(epoch)
+            metrics["train/skipped_steps"] = float(skipped)
+            elapsed = time.perf_counter() - t_log
+            metrics["train/steps_per_sec"] = count / max(elapsed, 1e-9)
+            sums, count, t_log = {}, 0, time.perf_counter()
+            if ctx.rank == 0:
+                log.info("step %d/%d  %s", step, total,
+                         "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                   if k in ("train/loss", "train/steps_per_sec")))
+                if ctx.log_metrics:
+                    ctx.log_metrics(metrics, step)
+        if step % every == 0 or step == total:
+            _save_and_report(engine, ema, task, ctx, step, skipped, metrics, gen, final=step == total)
+    if resumed_at >= total:  # resumed after the last step: report the final export again
+        _save_and_report(engine, ema, task, ctx, step, skipped, metrics, gen, final=True)
+    return metrics
+
+
+def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int, skipped: int,
+                     metrics: dict[str, float], gen: torch.Generator, final: bool) -> None:
+    for v in ema.state_dict().values():
+        if not torch.isfinite(v).all():
+            raise NonFiniteLoss(f"non-finite EMA weights at step {step}; the checkpoint is not written")
+    with tempfile.TemporaryDirectory(prefix="pipeline-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, save_latest=False)
+        save_file({k: v.contiguous() for k, v in {**_rng_state(), "gen": gen.get_state()}.items()},
+                  str(Path(tmp) / f"rng_rank{ctx.rank}.safetensors"))
+        if ctx.rank == 0:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(Path(tmp) / EMA_FILE))
+            (Path(tmp) / STATE).write_text(json.dumps({"step": step, "skipped": skipped}))
+            if final:
+                name, args = task.model_recipe()
+                export_weights(ema.state_dict(), name, args, Path(tmp) / EXPORT_DIR,
+                               extra=task.export_extra())
+        report_metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        report_metrics["step"] = float(step)
+        ctx.report(report_metrics, tmp)
+
+
+def run_plain(task: Task, train: dict[str, Any], scale: dict[str, Any],
+              batches: Callable[[int], Iterator[dict[str, Any]]], *, seed: int = 0,
+              checkpoint_root: str | None = None, resume_dir: str | None = None,
+              cache_batches: bool = False,
+              log_metrics: Callable[[dict[str, float], int], None] | None = None,
+              ) -> tuple[dict[str, float], WorkerContext, list[str]]:
+    """Run the loop in this process (world_size=1, no Ray). Checkpoints are copied under
+    `checkpoint_root/step-N` when given; returns (metrics, context, checkpoint dirs)."""
+    import shutil
+
+    saved: list[str] = []
+
+    def report(metrics: dict[str, float], ckpt: str | None) -> None:
+        if ckpt and checkpoint_root:
+            dst = Path(checkpoint_root) / f"step-{int(metrics['step']):08d}"
+            shutil.copytree(ckpt, dst, dirs_exist_ok=True)
+            saved.append(str(dst))
+
+    ctx = WorkerContext(rank=0, world_size=1, batches=batches, report=report, resume_dir=resume_dir,
+                        log_metrics=log_metrics)
+    metrics = train_loop(task, train, scale, ctx, seed=seed, cache_batches=cache_batches)
+    return metrics, ctx, saved

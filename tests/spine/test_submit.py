@@ -1,0 +1,86 @@
+"""Cluster submission: a real head started with `ray start --head` on 127.0.0.1, a job submitted two ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A head node in its own process group (stopped by pid, never by `ray stop`)."""
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            out = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {(tmp_path / 'head.log').read_text()[-2000:]}")
+            time.sleep(2)
+        else:
+            raise RuntimeError("ray head did not become ready in 120 s")
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_job_submitted_with_ray_cli_and_with_pipeline_submit(ray_head, tmp_path):
+    address, env = ray_head
+    db = tmp_path / "mlflow.db"
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
+    first = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", runtime_env, "--", "python", "-m", "pipeline", "run", "jobs/smoke.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[classifier] training" in first.stdout
+    assert "registered smoke-classifier v1 → champion" in first.stdout
+
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", "jobs/smoke.yaml", "--address", address],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[classifier] skipped" in second.stdout  # same spec, same store: the champion is reused
+    assert "SUCCEEDED" in second.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_model_version_by_alias("smoke-classifier", "champion").version == "1"
