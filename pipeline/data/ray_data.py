@@ -8,6 +8,7 @@ bytes are then decoded by :func:`pipeline.data.decode.decode_sample` in ``map_ba
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import ray
 import ray.data
 from ray.data import FileShuffleConfig
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_sample
 from pipeline.data.errors import DataError
@@ -92,4 +94,48 @@ def ray_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         fn_kwargs={"on_corrupt": on_corrupt, "expected_shape": expected_chw(manifest)},
+    )
+
+
+def _owned(a: np.ndarray, dtype: type) -> np.ndarray:
+    """A writable, contiguous array of ``dtype`` (Ray hands out read-only views)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """Numpy batch -> the local iterator's batch format: image/label tensors, caption/key lists.
+
+    Ray's default torch collation cannot convert the string columns; use this as
+    ``collate_fn`` of ``iter_torch_batches`` (or call :func:`torch_batches`).
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        return {
+            "image": torch.from_numpy(_owned(batch["image"], np.float32)),  # (B, C, H, W)
+            "label": torch.from_numpy(_owned(batch["label"], np.int64)),  # (B,)
+            "caption": [str(c) for c in batch["caption"]],
+            "key": [str(k) for k in batch["key"]],
+        }
+
+
+def torch_batches(
+    data: ray.data.Dataset | ray.data.DataIterator,
+    batch_size: int,
+    *,
+    drop_last: bool = True,
+    local_shuffle_buffer_size: int | None = None,
+    local_shuffle_seed: int | None = None,
+    prefetch_batches: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Batches of a :func:`ray_dataset` (or a Ray Train dataset shard) in the local iterator's format."""
+    yield from data.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        collate_fn=TorchCollate(),
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+        local_shuffle_seed=local_shuffle_seed,
+        prefetch_batches=prefetch_batches,
     )
