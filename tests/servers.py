@@ -55,9 +55,7 @@ def _tail(path: Path, n_chars: int = 4000) -> str:
         return f"(cannot read {path}: {e})"
 
 
-def _end_group(
-    proc: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM, grace_s: float = 10.0
-) -> None:
+def _end_group(proc: subprocess.Popen[bytes], first_signal: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
     """Signal the process group led by ``proc``; SIGKILL it if it has not ended in ``grace_s``."""
     if proc.poll() is None:
         try:
@@ -123,9 +121,7 @@ def _dsn_without_password(dsn: str) -> tuple[str, str | None]:
 
 
 @contextmanager
-def postgres_server(
-    tmp_path: Path, *, databases: tuple[str, ...] = (), timeout_s: float = 60.0
-) -> Iterator[str]:
+def postgres_server(tmp_path: Path, *, databases: tuple[str, ...] = (), timeout_s: float = 60.0) -> Iterator[str]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port; yields its DSN.
 
     The DSN is ``postgresql://genpipe:<password>@127.0.0.1:<port>/genpipe`` (the role is a
@@ -242,9 +238,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeo
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"mlflow server did not answer {url} within {timeout_s:.0f} s:\n{_tail(log_path)}"
-            )
+            raise TimeoutError(f"mlflow server did not answer {url} within {timeout_s:.0f} s:\n{_tail(log_path)}")
         time.sleep(0.5)
 
 

@@ -172,8 +172,7 @@ def _wait_ready(
                 pass
         time.sleep(0.25)
     raise TimeoutError(
-        f"local autoscaling Ray cluster not ready after {timeout_s:.0f} s.\n"
-        + _log_tail(log_path, temp_dir, 4000)
+        f"local autoscaling Ray cluster not ready after {timeout_s:.0f} s.\n" + _log_tail(log_path, temp_dir, 4000)
     )
 
 

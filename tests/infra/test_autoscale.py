@@ -26,7 +26,7 @@ def test_scales_up_for_worker_resource_and_down_when_idle() -> None:
     token_file = Path.home() / ".ray" / "auth_token"
     token_existed = token_file.exists()
     t0 = time.monotonic()
-    with autoscaling_cluster(idle_timeout_minutes=0.2) as cluster:
+    with autoscaling_cluster(idle_timeout_minutes=0.1) as cluster:
         leader = psutil.Process(cluster.pid)
         assert os.environ["RAY_AUTH_MODE"] == "token"
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
@@ -50,9 +50,7 @@ def test_scales_up_for_worker_resource_and_down_when_idle() -> None:
         while len(_alive_nodes()) > 1 and time.monotonic() < deadline:
             time.sleep(1)
         remaining = _alive_nodes()
-        assert len(remaining) == 1, (
-            f"idle workers not removed: {len(remaining)} nodes alive\n{cluster.log_tail()}"
-        )
+        assert len(remaining) == 1, f"idle workers not removed: {len(remaining)} nodes alive\n{cluster.log_tail()}"
         t_down = time.monotonic() - t0
         group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == cluster.pid]
         assert group, "the cluster's processes should share the leader's process group"

@@ -54,9 +54,7 @@ def test_launcher_node_types_and_scaling(name: str) -> None:
     assert head["resources"].get("GPU", 0) == 0
     workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
     gpu = [v for v in workers.values() if v["resources"].get("GPU", 0) > 0]
-    cpu = [
-        v for v in workers.values() if v["resources"].get("GPU", 0) == 0 and v["resources"].get("CPU", 0) > 0
-    ]
+    cpu = [v for v in workers.values() if v["resources"].get("GPU", 0) == 0 and v["resources"].get("CPU", 0) > 0]
     assert len(gpu) == 1 and len(cpu) == 1, "one GPU worker type for training, one CPU type for data"
     for t in workers.values():
         assert 0 <= t["min_workers"] <= t["max_workers"]
@@ -140,9 +138,7 @@ def test_kuberay_image_installs_project() -> None:
     assert "FROM rayproject/ray:2.60." in dockerfile and "py311" in dockerfile
     assert "pip install --no-cache-dir -e ." in dockerfile
     images = {
-        c["image"]
-        for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
-        for c in _containers(_load(name))
+        c["image"] for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml") for c in _containers(_load(name))
     }
     assert images == {"genpipe:0.1.0"}
 

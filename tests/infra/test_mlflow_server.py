@@ -100,14 +100,10 @@ def test_start_script_refuses_without_credentials(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_server_auth_tracking_and_registry(
-    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_server_auth_tracking_and_registry(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with mlflow_server(tmp_path, backend=backend) as srv:  # type: ignore[arg-type]
         assert srv.uri.startswith("http://127.0.0.1:")
-        assert backend in srv.backend_store_uri or (
-            backend == "postgres" and "postgresql" in srv.backend_store_uri
-        )
+        assert backend in srv.backend_store_uri or (backend == "postgres" and "postgresql" in srv.backend_store_uri)
         try:
             _exercise(srv, tmp_path, monkeypatch)
         except Exception:
