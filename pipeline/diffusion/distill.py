@@ -58,9 +58,7 @@ def progressive_distillation_target(
     raise ValueError(f"unknown parameterization {parameterization!r}")
 
 
-def consistency_skip_out(
-    sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002
-) -> tuple[Tensor, Tensor]:
+def consistency_skip_out(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) of f(x, σ) = c_skip x + c_out F(x, σ) (eq. 44).
 
     c_skip(σ_min) = 1 and c_out(σ_min) = 0, so f is the identity at the smallest noise level.

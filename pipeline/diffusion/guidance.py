@@ -38,9 +38,7 @@ def classifier_free(
     return guided
 
 
-def classifier_grad(
-    classifier: Callable[[Tensor, Tensor], Tensor], y: Tensor
-) -> Callable[[Tensor, Tensor], Tensor]:
+def classifier_grad(classifier: Callable[[Tensor, Tensor], Tensor], y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """``cond_fn(x, t) = ∇_x log f(y | x_t, t)`` from a noisy classifier returning logits (eq. 36)."""
 
     def cond_fn(x: Tensor, t: Tensor) -> Tensor:

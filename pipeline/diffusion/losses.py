@@ -31,9 +31,7 @@ def mean_flat(x: Tensor) -> Tensor:
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
@@ -100,9 +98,7 @@ def p_mean_variance(
     eps, pred_x0 = model_eps_x0(s, out, xt, t, parameterization)
     if clip_denoised:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        eps = (xt - extract(s.alphas_cumprod, t, xt).sqrt() * pred_x0) / extract(
-            1.0 - s.alphas_cumprod, t, xt
-        ).sqrt()
+        eps = (xt - extract(s.alphas_cumprod, t, xt).sqrt() * pred_x0) / extract(1.0 - s.alphas_cumprod, t, xt).sqrt()
     # eq. 22 with x̂_0 plugged in; for ε-prediction this equals eq. 27.
     mean, _, _ = s.q_posterior(pred_x0, xt, t)
     return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0, "eps": eps}
@@ -180,9 +176,7 @@ def diffusion_loss(
         loss = mse
     elif loss_type == "hybrid":
         channels = xt.shape[1]
-        frozen = (
-            torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1) if learn_sigma else out.detach()
-        )
+        frozen = torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1) if learn_sigma else out.detach()
         vlb = vlb_terms(
             s,
             frozen,

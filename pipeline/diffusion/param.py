@@ -71,9 +71,7 @@ def mean_output(out: Tensor, xt: Tensor) -> Tensor:
     return split_learned_sigma(out, channels)[0]
 
 
-def model_eps_x0(
-    s: Schedule, out: Tensor, xt: Tensor, t: Tensor, parameterization: str
-) -> tuple[Tensor, Tensor]:
+def model_eps_x0(s: Schedule, out: Tensor, xt: Tensor, t: Tensor, parameterization: str) -> tuple[Tensor, Tensor]:
     """Turn a raw model output into (ε̂, x̂₀) for ``parameterization`` in {"eps", "x0", "v"}.
 
     If ``out`` has twice the channels of ``xt`` (learned sigma), the first half is used.

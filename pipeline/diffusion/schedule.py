@@ -59,7 +59,7 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return betas.clamp(max=max_beta)  # eq. 34: clip(., 0.999)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete variance schedule and the quantities derived from it (all float64, shape (T,)).
 
@@ -158,9 +158,7 @@ class Schedule:
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 19, 21, 22)."""
-        mean = (
-            extract(self.posterior_mean_coef1, t, xt) * x0 + extract(self.posterior_mean_coef2, t, xt) * xt
-        )  # eq. 22
+        mean = extract(self.posterior_mean_coef1, t, xt) * x0 + extract(self.posterior_mean_coef2, t, xt) * xt  # eq. 22
         variance = extract(self.posterior_variance, t, xt).expand_as(xt)  # eq. 21
         log_variance = extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         return mean, variance, log_variance

@@ -52,9 +52,7 @@ def test_normal_kl_matches_torch_and_monte_carlo():
 def test_discretized_likelihood_is_a_distribution_over_256_bins():
     grid = torch.linspace(-1, 1, 256, dtype=F64)
     for mean, log_scale in [(0.0, math.log(0.1)), (0.9, math.log(0.01)), (-0.3, math.log(3.0))]:
-        lp = discretized_gaussian_log_likelihood(
-            grid, torch.full_like(grid, mean), torch.full_like(grid, log_scale)
-        )
+        lp = discretized_gaussian_log_likelihood(grid, torch.full_like(grid, mean), torch.full_like(grid, log_scale))
         assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
@@ -137,9 +135,7 @@ def test_prior_bpd_closed_form():
     s = Schedule.make("linear", 1000)
     x0 = torch.tensor([[0.5, -1.0]], dtype=F64)
     acp = s.alphas_cumprod[-1].item()
-    ref = np.mean([0.5 * (-1 - math.log(1 - acp) + (1 - acp) + acp * v**2) for v in (0.5, -1.0)]) / math.log(
-        2
-    )
+    ref = np.mean([0.5 * (-1 - math.log(1 - acp) + (1 - acp) + acp * v**2) for v in (0.5, -1.0)]) / math.log(2)
     assert prior_bpd(s, x0).item() == pytest.approx(ref, rel=1e-9)
     assert ref < 1e-4  # the linear schedule ends close to N(0, I)
 
@@ -174,9 +170,7 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
     noise = torch.randn(6, 2, generator=gen, dtype=F64)
     t = torch.tensor([0, 1, 20, 40, 60, 99])
     out = (0.3 * torch.randn(6, 4, generator=gen, dtype=F64)).requires_grad_(True)
-    res = diffusion_loss(
-        lambda x, tt: out, s, x0, t, noise, loss_type="hybrid", learn_sigma=True, lambda_vlb=0.01
-    )
+    res = diffusion_loss(lambda x, tt: out, s, x0, t, noise, loss_type="hybrid", learn_sigma=True, lambda_vlb=0.01)
     (g,) = torch.autograd.grad(res["loss"].sum(), out, retain_graph=True)
     (g_mse,) = torch.autograd.grad(res["mse"].sum(), out)
     assert torch.allclose(g[:, :2], g_mse[:, :2])  # the mean only gets the L_simple gradient
@@ -199,9 +193,7 @@ def test_importance_sampler():
     h = init_loss_history(4, history_per_term=2)
     t, w = importance_timesteps(h, 100, torch.Generator().manual_seed(0))
     assert torch.equal(w, torch.ones(100, dtype=F64))
-    h2 = update_loss_history(
-        h, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([1.0, 1, 1, 1, 1, 2, 3, 4])
-    )
+    h2 = update_loss_history(h, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([1.0, 1, 1, 1, 1, 2, 3, 4]))
     assert torch.equal(h.counts, torch.zeros(4, dtype=torch.long))  # the input is not modified
     h3 = update_loss_history(h2, torch.tensor([0]), torch.tensor([5.0]))  # drops the oldest value at t=0
     assert h3.values[0].tolist() == [1.0, 25.0]

@@ -61,9 +61,7 @@ def test_split_learned_sigma():
     with pytest.raises(ValueError):
         split_learned_sigma(out, 2)
     with pytest.raises(ValueError):
-        model_eps_x0(
-            Schedule.make("linear", 30), out[:, :3], out[:, :3], torch.zeros(2, dtype=torch.long), "y"
-        )
+        model_eps_x0(Schedule.make("linear", 30), out[:, :3], out[:, :3], torch.zeros(2, dtype=torch.long), "y")
 
 
 def test_score_from_eps_gaussian_data():

@@ -97,9 +97,7 @@ def test_ancestral_with_exact_denoiser(var_type):
     s = Schedule.make("linear", 1000)
     model = gaussian_eps_model(s)
     assert _reverse_std(s, var_type) == pytest.approx(SD, rel=0.01)
-    x = sample_ancestral(
-        model, s, (4000, 1), var_type=var_type, generator=torch.Generator().manual_seed(0), dtype=F64
-    )
+    x = sample_ancestral(model, s, (4000, 1), var_type=var_type, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert abs(x.mean().item()) < 0.03
     assert x.std().item() == pytest.approx(SD, rel=0.04)  # s.e. of the std is about 1.1 %
     r = s.respace(50)
@@ -143,9 +141,7 @@ def test_ancestral_classifier_guidance_shifts_mean_by_scale_sigma_grad():
         return torch.zeros_like(x)
 
     base = sample_ancestral(model_fn, s, xT.clone())
-    guided = sample_ancestral(
-        model_fn, s, xT.clone(), cond_fn=lambda x, t: grad.expand_as(x), guidance_scale=2.5
-    )
+    guided = sample_ancestral(model_fn, s, xT.clone(), cond_fn=lambda x, t: grad.expand_as(x), guidance_scale=2.5)
     assert torch.allclose(guided - base, 2.5 * 0.3 * grad.expand_as(xT))  # Algorithm 1: s·Σ·∇
 
 
@@ -173,3 +169,26 @@ def test_annealed_langevin_samples_a_gaussian():
     x = sample_langevin(score_fn, sigmas, (20_000, 1), 100, 2e-5, torch.Generator().manual_seed(0), dtype=F64)
     assert x.mean().item() == pytest.approx(mu, abs=0.02)
     assert x.std().item() == pytest.approx(tau, rel=0.05)
+
+
+@pytest.mark.parametrize(("v", "var_type"), [(-1.0, "beta_tilde"), (1.0, "beta")])
+def test_learned_sigma_endpoints_match_fixed_variances(v, var_type):
+    """A learned-sigma output with v = -1 / +1 samples exactly like β̃ / β (eq. 35)."""
+    s = Schedule.make("linear", 100).respace(20)
+    model = gaussian_eps_model(Schedule.make("linear", 100))
+
+    def learned(x, t):
+        return torch.cat([model(x, t), torch.full_like(x, v)], dim=1)
+
+    calls = []
+    fixed = sample_ancestral(model, s, (50, 3), var_type=var_type, generator=torch.Generator().manual_seed(0))
+    out = sample_ancestral(
+        learned,
+        s,
+        (50, 3),
+        learn_sigma=True,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert torch.allclose(out, fixed, atol=1e-5)
+    assert calls[-1] == (20, 20) and len(calls) == 20

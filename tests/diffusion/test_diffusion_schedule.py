@@ -83,7 +83,7 @@ def test_q_sample_moments_monte_carlo():
 
 def test_q_sample_composes_single_steps():
     """x_t from eq. 17 has the same law as t applications of eq. 15 (checked by moments)."""
-    s = Schedule.make("linear", 20)
+    s = Schedule.make("linear", 40)
     gen = torch.Generator().manual_seed(1)
     n = 200_000
     x = torch.full((n, 1), -1.2, dtype=torch.float64)
@@ -148,3 +148,10 @@ def test_respace_keeps_marginals_and_composes_timestep_map():
     assert r.posterior_variance[i].item() == pytest.approx(beta_tilde, rel=1e-10)
     with pytest.raises(ValueError):
         s.respace([1000])
+
+
+def test_linear_schedule_rejects_too_few_steps():
+    with pytest.raises(ValueError):
+        Schedule.make("linear", 20)  # β_T would be 1
+    with pytest.raises(ValueError):
+        Schedule.make("quadratic", 100)
