@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,9 +48,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in outcomes:
         print(f"{o.name:<14}{o.status:<10}{(o.version or '-'):<9}{('yes' if o.champion else 'no'):<10}"
               f"{o.seconds:>6.0f}s")
-    report = [o for o in outcomes if o.name in spec.stages and spec.stages[o.name].kind == "distill"]
-    for o in report:
-        _print_distill_report(o.metrics)
+    for o in outcomes:
+        if spec.stages[o.name].kind != "distill" or not o.metrics:
+            continue
+        teacher = spec.stages[spec.stages[o.name].needs[0]]
+        metrics = dict(o.metrics)
+        base = next((p.metrics for p in outcomes if p.name == spec.stages[o.name].needs[0]), {})
+        steps = getattr(teacher, "sampling", None)
+        if steps is not None:  # the teacher's own evaluation, at its full step count
+            metrics.update({k.replace("eval/", f"eval/teacher_{steps.steps}steps_"): v for k, v in base.items()})
+        _print_distill_report(metrics)
     print(f"\nMLflow runs and registered models: {tracking.redact(uri)} (experiment "
           f"'{spec.tracking.experiment or spec.name}'); browse with `mlflow ui --backend-store-uri "
           f"{tracking.redact(uri)}`")
@@ -61,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_distill_report(metrics: dict[str, float]) -> None:
-    rows = sorted({k.split("/")[1].rsplit("_", 1)[0] for k in metrics if k.startswith("eval/")
-                   and ("teacher_" in k or "student_" in k)})
+    rows = sorted({m.group(1) for k in metrics if (m := re.match(r"eval/((?:teacher|student)_\d+steps)_", k))},
+                  key=lambda r: (r.startswith("student"), -int(re.sub(r"\D", "", r))))
     if not rows:
         return
     print("\nTeacher vs distilled students on held-out digits (classifier features):")
@@ -170,6 +178,51 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    _connect(args.tracking_uri)
+    gate = None
+    if args.metric:
+        gate = tracking.Gate(args.metric, higher_is_better=args.higher_is_better)
+    r = tracking.promote(args.name, to=args.to, from_=args.from_, force=args.force, gate=gate)
+    prev = f"v{r.previous.version}" if r.previous else "(none)"
+    values = f" [{r.metric}: candidate {r.candidate_value}, {args.to} {r.previous_value}]" if r.metric else ""
+    if r.promoted:
+        print(f"{args.name}@{args.to}: {prev} → v{r.candidate.version} ({r.reason}){values}")
+        return 0
+    print(f"{args.name}@{args.to} stays {prev}: not promoting v{r.candidate.version}: {r.reason}{values}")
+    return 1
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    _connect(args.tracking_uri)
+    print("\n".join(tracking.format_lineage(tracking.lineage(args.model))))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import format_table, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.set)  # validated whole before any work starts
+    result = run_sweep(sweep, sweep_set=args.set, resume=not args.restart)
+    print(f"\nSweep '{result.name}'{' (resumed)' if result.restored else ''}: {len(result.rows)} trials, "
+          f"MLflow run {result.sweep_run_id}, Tune experiment {result.storage}")
+    print(format_table(result))
+    failed = [r for r in result.rows if r.status == "failed"]
+    for r in failed:
+        print(f"trial {r.trial_id} failed: {r.error}")
+    if result.candidate:
+        print(f"best trial {result.best.trial_id}: {result.metric}={result.best.metric_value:.6g} → "
+              f"{result.candidate} (@{sweep.spec.register_alias}); promote with `pipeline promote "
+              f"{result.candidate.split('/')[1]} --to champion`")
+        return 0
+    print("no trial completed; nothing was registered")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -230,6 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--working-dir", default=".")
     j.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     j.set_defaults(fn=cmd_submit)
+
+    pr = sub.add_parser("promote", help="move a registry alias to a better version (metric-gated)")
+    pr.add_argument("name", help="registered model name")
+    pr.add_argument("--to", default="champion", help="alias to move (default: champion)")
+    pr.add_argument("--from", dest="from_", default="candidate", help="alias or version to promote")
+    pr.add_argument("--force", action="store_true", help="promote without comparing (recorded in a tag)")
+    pr.add_argument("--metric", default=None, help="compare on this metric instead of the stage's gate")
+    pr.add_argument("--higher-is-better", action="store_true", help="with --metric: higher values win")
+    pr.add_argument("--tracking-uri", default=None)
+    pr.set_defaults(fn=cmd_promote)
+
+    ln = sub.add_parser("lineage", help="print the chain of versions behind a model back to the data")
+    ln.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ln.add_argument("--tracking-uri", default=None)
+    ln.set_defaults(fn=cmd_lineage)
+
+    t = sub.add_parser("tune", help="Ray Tune sweep of a job's stage (jobs/sweep*.yaml)")
+    t.add_argument("sweep")
+    t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a sweep-file field (repeatable)")
+    t.add_argument("--restart", action="store_true", help="do not resume an interrupted sweep of this name")
+    t.set_defaults(fn=cmd_tune)
     return p
 
 
@@ -237,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pipeline` console script."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.fn(args) or 0)
     except _user_errors() as exc:

@@ -124,6 +124,13 @@ def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: s
     resources = {"CPU": scale["cpus_per_worker"]}
     if use_gpu:
         resources["GPU"] = scale["gpus_per_worker"]
+    callbacks = []
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if _in_tune_session():  # a Ray Tune trial: Train's reports reach Tune as intermediate results (ASHA)
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         worker_main,
         train_loop_config=config,
@@ -134,6 +141,7 @@ def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: s
             storage_path=str(Path(storage_path).resolve()) if "://" not in storage_path else storage_path,
             failure_config=FailureConfig(max_failures=scale.get("max_failures", 1)),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": dataset},
