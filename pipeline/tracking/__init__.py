@@ -157,3 +157,180 @@ def log_params_flat(run_id: str, params: dict[str, Any]) -> None:
     client = MlflowClient()
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+# ----------------------------------------------------------------------------- registry: sweeps, promotion, lineage
+
+
+def register_logged(name: str, run_id: str, tags: dict[str, str], artifact_path: str = MODEL_ARTIFACT) -> ModelRef:
+    """Register a model the run has already logged under `artifact_path` as a new version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already exists
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                     tags={k: str(v) for k, v in tags.items()})
+    return ModelRef(name, str(mv.version), mv.source, run_id, dict(mv.tags))
+
+
+@dataclass
+class Gate:
+    """The metric a registered model is judged on, and which way is better."""
+
+    metric: str
+    higher_is_better: bool
+    min: float | None = None
+    max: float | None = None
+
+    def within_bounds(self, value: float | None) -> bool:
+        """True when `value` is a number inside the gate's bounds."""
+        if value is None or value != value:
+            return False
+        if self.max is not None and value > self.max:
+            return False
+        return not (self.min is not None and value < self.min)
+
+    def better(self, a: float, b: float) -> bool:
+        """True when `a` is strictly better than `b`."""
+        return a > b if self.higher_is_better else a < b
+
+
+def gate_of(ref: ModelRef) -> Gate | None:
+    """The gate of the stage that produced `ref`, read from its run's params (`registry.gate.*`).
+
+    A stage gated by `min` is "higher is better", one gated by `max` "lower is better".
+    """
+    from mlflow.tracking import MlflowClient
+
+    if not ref.run_id:
+        return None
+    params = MlflowClient().get_run(ref.run_id).data.params
+
+    def num(key: str) -> float | None:
+        v = params.get(key)
+        return None if v in (None, "None", "") else float(v)
+
+    metric = params.get("registry.gate.metric")
+    if not metric or metric == "None":
+        return None
+    lo, hi = num("registry.gate.min"), num("registry.gate.max")
+    return Gate(metric=metric, higher_is_better=lo is not None, min=lo, max=hi)
+
+
+def run_metric(ref: ModelRef, metric: str) -> float | None:
+    """The (last) value of `metric` on the run that produced a registered version."""
+    from mlflow.tracking import MlflowClient
+
+    if not ref.run_id:
+        return None
+    return MlflowClient().get_run(ref.run_id).data.metrics.get(metric)
+
+
+@dataclass
+class Promotion:
+    """The outcome of `promote`: whether the alias moved, and why."""
+
+    name: str
+    alias: str
+    candidate: ModelRef
+    previous: ModelRef | None
+    promoted: bool
+    forced: bool
+    reason: str
+    metric: str | None = None
+    candidate_value: float | None = None
+    previous_value: float | None = None
+
+
+def promote(name: str, to: str = "champion", from_: str = "candidate", *, force: bool = False,
+            gate: Gate | None = None) -> Promotion:
+    """Move `models:/name@to` to the version `from_` names, when it beats the current holder.
+
+    `from_` is an alias or a version number. The candidate must be inside its gate's bounds and
+    strictly better than the current `to` version on the gate metric (read from the versions'
+    runs); `force` skips the comparison and is recorded on the version as tags
+    `pipeline.promotion.*`. The gate defaults to the one the candidate's stage was run with.
+    """
+    from mlflow.tracking import MlflowClient
+
+    cand = resolve(f"models:/{name}/{from_}" if from_.isdigit() else f"models:/{name}@{from_}")
+    prev = find_alias(name, to)
+    gate = gate or gate_of(cand)
+    metric = gate.metric if gate else None
+    cv = run_metric(cand, metric) if metric else None
+    pv = run_metric(prev, metric) if (metric and prev) else None
+    result = Promotion(name, to, cand, prev, False, force, "", metric, cv, pv)
+    if prev is not None and prev.version == cand.version:
+        result.reason = f"v{cand.version} already holds @{to}"
+        return result
+    if force:
+        result.promoted, result.reason = True, "forced"
+    elif gate is None:
+        result.reason = (f"no gate is known for {name} v{cand.version} (its run has no registry.gate params); "
+                         "use --force to promote anyway")
+    elif not gate.within_bounds(cv):
+        result.reason = f"candidate {metric}={cv} is outside the gate bounds (min={gate.min}, max={gate.max})"
+    elif prev is not None and pv is not None and pv == pv and not gate.better(cv, pv):
+        way = "higher" if gate.higher_is_better else "lower"
+        result.reason = (f"candidate v{cand.version} {metric}={cv:.6g} does not beat {to} v{prev.version} "
+                         f"({pv:.6g}; {way} is better)")
+    else:
+        result.promoted = True
+        result.reason = ("no current " + to) if prev is None or pv is None else (
+            f"{metric} {cv:.6g} beats {pv:.6g} of v{prev.version}")
+    if result.promoted:
+        client = MlflowClient()
+        for k, v in {f"pipeline.promotion.{to}.forced": str(force).lower(),
+                     f"pipeline.promotion.{to}.previous": prev.uri if prev else "",
+                     f"pipeline.promotion.{to}.reason": result.reason[:500]}.items():
+            client.set_model_version_tag(name, cand.version, k, v)
+        set_alias(name, to, cand.version)
+    return result
+
+
+@dataclass
+class LineageNode:
+    """One registered version in a lineage chain, with the versions it was made from."""
+
+    ref: ModelRef
+    role: str
+    inputs: list[LineageNode]
+
+    @property
+    def data_sha256(self) -> str | None:
+        return self.ref.tags.get("pipeline.data_manifest_sha256")
+
+
+def lineage(uri: str, role: str = "", _seen: set[str] | None = None) -> LineageNode:
+    """The chain of registered versions behind `uri`, back to the data (via `pipeline.input.*` tags)."""
+    seen = _seen if _seen is not None else set()
+    ref = resolve(uri)
+    node = LineageNode(ref, role, [])
+    if ref.uri in seen:  # a cycle cannot come from the stage runner, but never loop on bad tags
+        return node
+    seen.add(ref.uri)
+    for key, value in sorted(ref.tags.items()):
+        if key.startswith("pipeline.input.") and value.startswith("models:/"):
+            node.inputs.append(lineage(value, key.removeprefix("pipeline.input."), seen))
+    return node
+
+
+def format_lineage(node: LineageNode, indent: str = "") -> list[str]:
+    """Lines of a lineage tree: each version with its run, spec hash, code version and data."""
+    t = node.ref.tags
+    head = f"{node.role}: " if node.role else ""
+    line = (f"{indent}{head}{node.ref.uri}  run={node.ref.run_id}  "
+            f"spec={t.get('pipeline.spec_sha256', '?')}  code={t.get('pipeline.code_version', '?')}")
+    if "pipeline.sweep_run_id" in t:
+        line += f"  sweep={t['pipeline.sweep_run_id']} trial={t.get('pipeline.trial_id', '?')}"
+    lines = [line]
+    child = indent + "    "
+    for inp in node.inputs:
+        lines += format_lineage(inp, child)
+    if node.data_sha256:
+        lines.append(f"{child}data: manifest sha256 {node.data_sha256}")
+    return lines
