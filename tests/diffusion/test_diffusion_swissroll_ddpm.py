@@ -16,43 +16,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from pipeline.data.swissroll import sliced_wasserstein, swiss_roll
-from pipeline.diffusion import (
-    Schedule,
-    diffusion_loss,
-    nll_bits_per_dim,
-    sample_ancestral,
-    sample_ddim,
-    uniform_timesteps,
-)
+from pipeline.diffusion import Schedule, nll_bits_per_dim
+from pipeline.toy import TimeMLP, sample_points, train_ddpm
 
 T = 1000
 TRAIN_STEPS = 4000
 BATCH = 512
 N_SAMPLES = 2000
 SW_THRESHOLD = 0.15
-
-
-class TimeMLP(nn.Module):
-    """ε_θ(x_t, t): an MLP on [x_t, sinusoidal embedding of t]."""
-
-    def __init__(self, hidden: int = 128, emb: int = 32):
-        super().__init__()
-        self.emb = emb
-        self.net = nn.Sequential(
-            nn.Linear(2 + emb, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 2),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        half = self.emb // 2
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half)
-        angles = t.float()[:, None] * freqs[None]
-        return self.net(torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=1))
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +35,8 @@ def ddpm():
         torch.manual_seed(0)
         model, untrained = TimeMLP(), TimeMLP()
     data = torch.from_numpy(swiss_roll(20_000, seed=1))
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=TRAIN_STEPS)
     start = time.perf_counter()
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        x0 = data[torch.randint(0, len(data), (BATCH,), generator=gen)]
-        t = uniform_timesteps(BATCH, T, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        loss = diffusion_loss(model, s, x0, t, noise, parameterization="eps")["loss"].mean()  # eq. 30
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    losses = train_ddpm(model, s, data, steps=TRAIN_STEPS, batch_size=BATCH, seed=0, parameterization="eps")
     train_seconds = time.perf_counter() - start
     model.eval()
     return {
@@ -90,14 +50,8 @@ def ddpm():
 
 
 def _sample(which: str, model_fn, s: Schedule) -> np.ndarray:
-    gen = torch.Generator().manual_seed(1)
-    if which == "ancestral_1000":
-        x = sample_ancestral(model_fn, s, (N_SAMPLES, 2), generator=gen)
-    elif which == "strided_50":
-        x = sample_ancestral(model_fn, s.respace(50), (N_SAMPLES, 2), generator=gen)
-    else:
-        x = sample_ddim(model_fn, s, (N_SAMPLES, 2), 50, eta=0.0, generator=gen)
-    return x.numpy()
+    sampler = {"ancestral_1000": "ancestral", "strided_50": "strided", "ddim_50": "ddim"}[which]
+    return sample_points(model_fn, s, sampler, N_SAMPLES, steps=50, eta=0.0, seed=1)
 
 
 def test_training_converged(ddpm):
