@@ -119,3 +119,11 @@ def test_timestep_matters():
         assert_differs(model(x, torch.tensor([1, 1])), model(x, torch.tensor([900, 900])))
         # Integer and float timesteps give the same embedding.
         torch.testing.assert_close(model(x, torch.tensor([7, 7])), model(x, torch.tensor([7.0, 7.0])))
+
+
+def test_bf16_weights_with_long_timesteps():
+    # DeepSpeed bf16 casts the weights; the timestep features must follow the weight dtype.
+    model = perturb_(tiny(num_classes=4, context_dim=8)).to(torch.bfloat16)
+    x, ctx = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    out = model(x, torch.tensor([1, 999]), torch.tensor([0, 4]), ctx)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
