@@ -1,0 +1,295 @@
+"""overhead: steady-state step time of a stage under Ray Train + DeepSpeed against the same
+per-worker loop in one plain process with a plain optimizer; and `pipeline run` to first step.
+
+Stage: the autoencoder of `jobs/ldm.yaml` (KL-VAE, 16 px digits, batch 64, 1 torch thread),
+`--steps` steps of `pipeline.train.loop.train_loop` with the batch cache on (the default of the
+Ray path), so that after the first epoch no contender waits on data. Step times come from the
+loop's own `WorkerContext.step_times` (next batch -> optimizer step -> EMA), median of the steps
+after `--skip`. Contenders, interleaved in one process and Ray instance, `--repeats` rounds:
+
+* plain + AdamW: `run_plain` with `make_engine` swapped for a plain AdamW/warmup/clipping engine
+  (same loop, same task, no DeepSpeed).
+* plain + DeepSpeed: `run_plain` as it is (one-process gloo group, DeepSpeed engine, ZeRO-1).
+* Ray Train + DeepSpeed: a `TorchTrainer` with 1 worker (the same batch per step), whose
+  per-worker function mirrors `pipeline.train.ray_worker.worker_main` (same task, Ray Data shard,
+  `train_loop`) and adds the loop's step/wait times to its final `ray.train.report`. Also gives
+  fit() -> first step, and the workers' data-wait share.
+* Ray Train + DeepSpeed, 2 workers (the job's scale; batch 32 per worker, 2 processes on this
+  machine's cores): reported for reference, not part of the overhead ratio.
+
+Cold start: `pipeline run jobs/ldm.yaml` in a fresh directory (data built, Ray started, MLflow store
+created), timed from the process start to the line of the first training step; then interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.bench import Options, Report, interleave, median
+from pipeline.bench.data import AE_STAGE, ensure_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class PlainEngine:
+    """The part of the DeepSpeed engine API `train_loop` uses, on a plain AdamW optimizer."""
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, warmup_steps: int,
+                 micro_batch: int, zero_stage: int, grad_clip: float, device: torch.device) -> None:
+        self.module = model.to(device)
+        self.grad_clip = grad_clip
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                     weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, directory: str, tag: str, save_latest: bool = False) -> None:
+        out = Path(directory) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.module.state_dict(), "opt": self.opt.state_dict()}, out / "plain.pt")
+
+
+def _train_cfg(steps: int, batch: int) -> dict[str, Any]:
+    return {"steps": steps, "batch_size": batch, "lr": 2e-3, "warmup_steps": 20, "checkpoint_every": steps,
+            "log_every": 10**9, "torch_threads": 1}
+
+
+SCALE: dict[str, Any] = {"gpus_per_worker": 0, "zero_stage": 1, "precision": "auto", "cpus_per_worker": 1}
+
+
+def plain_run(data_dir: Path, steps: int, batch: int, plain_optimizer: bool) -> dict[str, Any]:
+    """The loop in this process on the local shard iterator; returns its step and wait times."""
+    import pipeline.train.loop as loop
+    from pipeline.data import iterate_batches
+    from pipeline.train.tasks import AutoencoderTask
+
+    def batches(epoch: int):
+        for b in iterate_batches(data_dir, "train", batch, seed=epoch, epochs=1):
+            yield {"image": b["image"], "label": b["label"]}
+
+    original = loop.make_engine
+    if plain_optimizer:
+        loop.make_engine = PlainEngine  # type: ignore[assignment]
+    threads = torch.get_num_threads()
+    try:
+        _, ctx, _ = loop.run_plain(AutoencoderTask(AE_STAGE), _train_cfg(steps, batch), SCALE, batches,
+                                   seed=0, cache_batches=True)
+    finally:
+        loop.make_engine = original
+        torch.set_num_threads(threads)
+    return {"step_times": ctx.step_times, "wait_times": ctx.wait_times}
+
+
+def bench_worker(config: dict[str, Any]) -> None:
+    """`worker_main` of `pipeline.train.ray_worker`, plus the loop's timings in the last report."""
+    import ray.train as rt
+
+    from pipeline.train.loop import WorkerContext, train_loop
+    from pipeline.train.ray_worker import build_task, setup_worker_logging
+
+    setup_worker_logging()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rctx = rt.get_context()
+    rank, world = rctx.get_world_rank(), rctx.get_world_size()
+    task = build_task(config)
+    train = config["stage"]["train"]
+    micro = max(1, train["batch_size"] // world)
+    shard = rt.get_dataset_shard("train")
+    started: list[float] = []
+
+    def batches(epoch: int):
+        if not started:
+            started.append(time.time())
+        for b in shard.iter_torch_batches(batch_size=micro, drop_last=True,
+                                          dtypes={"image": torch.float32, "label": torch.int64}):
+            yield {"image": b["image"], "label": b["label"]}
+
+    ctx: WorkerContext
+
+    def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
+        if int(metrics.get("step", 0)) >= int(train["steps"]):
+            metrics = {**metrics, "bench_timings": json.dumps({
+                "step_times": ctx.step_times, "wait_times": ctx.wait_times,
+                "first_step_done_unix": started[0] + ctx.step_times[0] if started else None})}
+        rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report)
+    train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"], cache_batches=True)
+
+
+def ray_run(data_dir: Path, steps: int, batch: int, workers: int, storage: str) -> dict[str, Any]:
+    """One Ray Train fit of the stage; returns rank 0's step/wait times and fit() -> first step."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.data.ray_data import ray_dataset
+
+    ds = ray_dataset(data_dir, "train", shuffle_seed=0).select_columns(["image", "label"])
+    stage = {**AE_STAGE, "train": _train_cfg(steps, batch), "scale": {**SCALE, "workers": workers}}
+    trainer = TorchTrainer(
+        bench_worker, train_loop_config={"stage": stage, "seed": 0},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"bench-overhead-{time.time_ns()}", storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        torch_config=TorchConfig(backend="gloo"), datasets={"train": ds})
+    t0 = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    if result.error:
+        raise result.error
+    timings = json.loads(result.metrics["bench_timings"])
+    first = timings.pop("first_step_done_unix")
+    return {**timings, "fit_to_first_step_s": (first - t0) if first else float("nan"), "fit_wall_s": wall}
+
+
+def cold_start(timeout: float = 300.0) -> dict[str, float]:
+    """Seconds from starting `pipeline run jobs/ldm.yaml` in a fresh directory to its first step."""
+    import psutil
+
+    exe = Path(sys.executable).with_name("pipeline")
+    base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "pipeline"]
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as work:
+        env = {**os.environ, "RAY_TMPDIR": str(Path(work) / "ray"), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        (Path(work) / "ray").mkdir()
+        cmd = [*base, "run", str(REPO / "jobs" / "ldm.yaml"), "--set", "stages.autoencoder.train.log_every=1"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        marks: dict[str, float] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - t0
+            if "built data/" in line and "data_built_s" not in marks:
+                marks["data_built_s"] = now
+            if re.search(r"\bstep 1/\d+", line):
+                marks["first_step_s"] = now
+                break
+            if now > timeout:
+                break
+        descendants = []
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        proc.send_signal(signal.SIGINT)  # the CLI's interrupt path shuts Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for p in descendants:  # anything of ours still alive, by process id
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.stdout.close()
+    return marks
+
+
+def run(opts: Options) -> Report:
+    """Interleaved plain / DeepSpeed / Ray Train runs of the same stage, then the CLI cold start."""
+    p = argparse.ArgumentParser(prog="pipeline bench overhead")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--skip", type=int, default=25, help="steps left out of the steady state (first epoch)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker Ray Train reference row")
+    p.add_argument("--no-cold-start", action="store_true", help="skip the `pipeline run` cold start")
+    a = p.parse_args(opts.extra)
+    repeats = opts.repeats or (1 if opts.quick else 3)
+    if opts.quick:
+        a.steps, a.skip, a.no_two_workers, a.no_cold_start = 8, 4, True, True
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pipeline.bench.data import init_ray
+
+    d = ensure_shards(16)
+    init_ray(8)  # the job's in-process Ray: 8 logical CPUs
+    runs: dict[str, list[dict[str, Any]]] = {}
+    storage = tempfile.mkdtemp(prefix="bench-overhead-")
+
+    def contender(name: str, fn) -> float:
+        r = fn()
+        runs.setdefault(name, []).append(r)
+        return median(r["step_times"][a.skip:])
+
+    fns = {
+        "plain process + AdamW": lambda: contender("plain", lambda: plain_run(d, a.steps, a.batch, True)),
+        "plain process + DeepSpeed": lambda: contender("plain_ds", lambda: plain_run(d, a.steps, a.batch, False)),
+        "Ray Train + DeepSpeed, 1 worker": lambda: contender(
+            "ray1", lambda: ray_run(d, a.steps, a.batch, 1, storage)),
+    }
+    if not a.no_two_workers:
+        fns["Ray Train + DeepSpeed, 2 workers (ref.)"] = lambda: contender(
+            "ray2", lambda: ray_run(d, a.steps, a.batch, 2, storage))
+    times = interleave(fns, repeats, warmup=0)
+    base = median(times["plain process + AdamW"])
+    rows: list[dict[str, Any]] = []
+    for (name, ts), key in zip(times.items(), runs, strict=True):
+        rs = runs[key]
+        wait = [sum(r["wait_times"][1:]) / sum(r["step_times"][1:]) for r in rs]
+        first = [r.get("fit_to_first_step_s", float("nan")) for r in rs]
+        rows.append({"contender": name, "s/step (median)": median(ts), "vs plain": median(ts) / base,
+                     "data-wait share": median(wait), "fit() to first step (s)": median(first),
+                     "runs": len(ts)})
+    ratios = {"ray_train_deepspeed_overhead_per_step": median(times["Ray Train + DeepSpeed, 1 worker"]) / base - 1,
+              "deepspeed_overhead_per_step": median(times["plain process + DeepSpeed"]) / base - 1,
+              "ray_train_worker_data_wait_share": rows[2]["data-wait share"]}
+    notes = [f"autoencoder stage, 16 px digits, batch {a.batch}, {a.steps} steps, steady state = median step "
+             f"{a.skip + 1}..{a.steps} of each run (batch cache on), then median over runs; 1 torch thread",
+             "data-wait share: sum of waits / sum of step times over steps 2..N of each run (includes the "
+             "first, streamed epoch); for Ray Train measured inside worker rank 0"]
+    if not a.no_cold_start:
+        cs = [cold_start() for _ in range(max(1, min(repeats, 2)))]
+        firsts = [c.get("first_step_s", float("nan")) for c in cs]
+        rows.append({"contender": "`pipeline run jobs/ldm.yaml` (fresh dir) to first step (s)",
+                     "s/step (median)": median(firsts), "vs plain": "", "data-wait share": "",
+                     "fit() to first step (s)": "", "runs": len(cs)})
+        ratios["pipeline_run_to_first_step_s"] = median(firsts)
+        notes.append(f"cold start detail: {cs}")
+    import ray
+
+    ray.shutdown()
+    return Report(name="overhead", command="python -m pipeline.bench overhead",
+                  columns=["contender", "s/step (median)", "vs plain", "data-wait share", "fit() to first step (s)",
+                           "runs"],
+                  rows=rows, ratios=ratios,
+                  goals={"ray_train_deepspeed_overhead_per_step": "< 0.10",
+                         "ray_train_worker_data_wait_share": "< 0.05"},
+                  notes=notes, params=vars(a) | {"repeats": repeats,
+                                                 "runs": {k: [{kk: vv for kk, vv in r.items() if kk.endswith("_s")}
+                                                              for r in v] for k, v in runs.items()}})
+
+
+__all__ = ["PlainEngine", "bench_worker", "cold_start", "plain_run", "ray_run", "run"]
