@@ -223,6 +223,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Forward to `python -m pipeline.bench` (see BENCHMARKS.md)."""
+    from pipeline.bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -276,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--tracking-uri", default=None)
     e.set_defaults(fn=cmd_eval)
+
+    bn = sub.add_parser("bench", help="benchmarks: bench NAME [--json OUT] [--repeats N] [--quick] (BENCHMARKS.md)",
+                        description="Forwards to `python -m pipeline.bench` (`pipeline bench data -h`).")
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bn.set_defaults(fn=cmd_bench)
 
     j = sub.add_parser("submit", help="submit a job to a Ray cluster and stream its logs")
     j.add_argument("job")
