@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.config import JobSpec, flatten
+from pipeline.config import ClusterError, JobSpec, SpecError, flatten, user_error_root
 from pipeline.data import DataError, build_dataset, load_split, manifest_sha256, read_manifest
 
 log = logging.getLogger("pipeline")
@@ -56,6 +57,7 @@ class JobContext:
     refs: dict[str, tracking.ModelRef] = field(default_factory=dict)  # stage -> version it produced/used
     latent_dirs: dict[str, Path] = field(default_factory=dict)  # encode stage -> latent shards
     outcomes: list[StageOutcome] = field(default_factory=list)
+    last_checkpoint: Any = None  # Ray Train checkpoint of the latest fit (in the run's storage)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -78,6 +80,78 @@ def ensure_data(spec: JobSpec) -> Path:
     return data_dir
 
 
+def _connect_timeout() -> float:
+    return float(os.environ.get("PIPELINE_CONNECT_TIMEOUT_S", "10"))
+
+
+def check_ray_address(address: str, timeout_s: float | None = None) -> None:
+    """Fail fast (within `timeout_s`, not a hang) when a Ray address is malformed or does not answer."""
+    timeout_s = _connect_timeout() if timeout_s is None else timeout_s
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"ray.address / $RAY_ADDRESS is '{address}', a dashboard URL; it takes the cluster's GCS address "
+            "host:6379 (or a Ray Client address ray://host:10001). To submit through the dashboard use "
+            f"`pipeline submit JOB --address {address}`")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"ray.address / $RAY_ADDRESS '{address}' is not host:port (e.g. 127.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} ({type(exc).__name__}: {exc}; waited at most "
+            f"{timeout_s:g} s); start it (`ray start --head --node-ip-address=127.0.0.1`), fix ray.address or "
+            "$RAY_ADDRESS, or unset both to run Ray inside this process") from None
+
+
+def _scales(spec: JobSpec):
+    for name, stage in spec.stages.items():
+        scale = getattr(stage, "scale", None)
+        if scale is not None:
+            yield name, scale
+
+
+def preflight(spec: JobSpec) -> None:
+    """Checks that start nothing and write nothing: the Ray address answers; GPUs exist where asked for."""
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
+        return
+    for name, scale in _scales(spec):
+        if scale.gpus_per_worker > 0 and not torch.cuda.is_available():
+            raise ClusterError(
+                f"stage '{name}': scale.gpus_per_worker={scale.gpus_per_worker:g}, but this machine has no GPU "
+                "that torch can use (torch.cuda.is_available() is False); set "
+                f"stages.{name}.scale.gpus_per_worker=0 to train on CPU, or point ray.address at a cluster "
+                "with GPU nodes")
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Every trained stage fits the cluster (or what its autoscaler may add); otherwise Ray Train waits forever."""
+    import ray
+
+    now = ray.cluster_resources()
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()  # None without an autoscaler
+    except Exception:  # noqa: BLE001 - private API; fall back to what the cluster has now
+        most = None
+    where = "the autoscaler's cluster config allows" if most else "the Ray cluster has"
+    for name, scale in _scales(spec):
+        need = {"CPU": scale.workers * scale.cpus_per_worker, "GPU": scale.workers * scale.gpus_per_worker}
+        for res, amount in need.items():
+            have = max(now.get(res, 0.0), (most or {}).get(res, 0.0))
+            if amount > have:
+                per = "cpus_per_worker" if res == "CPU" else "gpus_per_worker"
+                raise ClusterError(
+                    f"stage '{name}' needs {amount:g} {res} (scale.workers={scale.workers} × scale.{per}="
+                    f"{getattr(scale, per):g}) but {where} at most {have:g}; lower stages.{name}.scale.workers or "
+                    f"stages.{name}.scale.{per}, or add nodes")
+
+
 def init_ray(spec: JobSpec) -> None:
     """Connect to the cluster named by the spec or $RAY_ADDRESS, or start Ray in-process."""
     import ray
@@ -91,10 +165,12 @@ def init_ray(spec: JobSpec) -> None:
             env[key] = os.environ[key]
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster (or `ray job submit`): the job's own runtime env reaches the workers
+        check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
-    else:
+    else:  # in-process: nothing listens beyond this machine's loopback interface
         ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
+                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"),
+                 _node_ip_address="127.0.0.1")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -139,6 +215,7 @@ def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict
                        storage_path=ctx.storage)
     if result.error:
         raise result.error
+    ctx.last_checkpoint = result.checkpoint
     out = Path(tempfile.mkdtemp(prefix=f"pipeline-{name}-"))
     result.checkpoint.to_directory(str(out))
     export = out / "export"
@@ -354,13 +431,17 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
     teacher_guidance = stage.guidance
     metrics.update(_eval_generator(ctx, run_id, teacher_dir, steps=timesteps, guidance=teacher_guidance,
                                    num_samples=n, prefix=f"teacher_{len(timesteps)}steps_"))
+    # Workers fetch the teacher themselves (they may sit on other nodes): first from the
+    # registry's artifact store, then each student from its Ray Train checkpoint in storage.
+    teacher_input: dict[str, Any] = {"uri": teacher_ref.source}
     for h in range(stage.halvings):
         log.info("[%s] halving %d/%d: %d → %d steps", name, h + 1, stage.halvings, len(timesteps),
                  len(timesteps) // 2)
         teacher_dir = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, teacher_data_dir),
-                           {"inputs": {"teacher": str(teacher_dir)}, "teacher_timesteps": timesteps},
+                           {"inputs": {"teacher": teacher_input}, "teacher_timesteps": timesteps},
                            suffix=f"-h{h + 1}")
         timesteps = sorted(timesteps)[1::2]
+        teacher_input = {"checkpoint": ctx.last_checkpoint}
         metrics.update(_eval_generator(ctx, run_id, teacher_dir, steps=timesteps, guidance=0.0,
                                        num_samples=n, prefix=f"student_{len(timesteps)}steps_"))
     # The gate reads the final student's numbers under stable names.
@@ -392,8 +473,10 @@ def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
 
     uri = tracking.tracking_uri(spec.tracking.uri)
     tracking.connect(uri)
+    preflight(spec)  # before anything is written: shards, MLflow store, Ray session
     data_dir = ensure_data(spec)
     init_ray(spec)
+    check_resources(spec)
     experiment = spec.tracking.experiment or spec.name
     exp = mlflow.set_experiment(experiment)
     client = MlflowClient()
@@ -402,8 +485,8 @@ def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
                                      "pipeline.code_version": tracking.code_version()})
     ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=exp.experiment_id,
                      parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir)
-    client.log_artifact(parent.info.run_id, str(spec_path), "spec")
-    tracking.log_params_flat(parent.info.run_id, flatten(spec.model_dump(mode="json")))
+    _log_spec_artifact(parent.info.run_id, Path(spec_path))
+    tracking.log_params_flat(parent.info.run_id, redacted_params(spec.model_dump(mode="json")))
     status = "FAILED"
     try:
         for name in spec.stages:
@@ -412,6 +495,40 @@ def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
     finally:
         client.set_terminated(parent.info.run_id, status)
     return ctx.outcomes
+
+
+def redacted_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """Flattened spec for MLflow params, with any password in a URI value replaced by ***."""
+    return {k: tracking.redact(v) if isinstance(v, str) else v for k, v in flatten(spec).items()}
+
+
+def _log_spec_artifact(run_id: str, spec_path: Path) -> None:
+    """Log the job file as artifact `spec/<name>`, with any password in a URI replaced by ***."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-spec-") as d:
+        copy = Path(d) / spec_path.name
+        copy.write_text(tracking.redact(spec_path.read_text()))
+        MlflowClient().log_artifact(run_id, str(copy), "spec")
+
+
+def _stage_user_error(ctx: JobContext, name: str, exc: Exception) -> Exception:
+    """A stage's failure as the user error behind it (named after the stage, with what to do), or `exc`."""
+    from pipeline.data import DataError
+    from pipeline.train.loop import NonFiniteLoss
+
+    root = user_error_root(exc, (SpecError, DataError, ClusterError, tracking.TrackingError, NonFiniteLoss))
+    if root is None:
+        return exc
+    msg = str(root)
+    if isinstance(root, DataError) and ctx.spec.data.on_corrupt == "fail" and (
+            "corrupt member" in msg or "image shape" in msg or "has no" in msg):
+        msg += (" — set data.on_corrupt=skip to skip and count such samples, or rebuild the shards "
+                "(`pipeline data build`)")
+    try:
+        return type(root)(f"stage '{name}': {msg}")
+    except TypeError:  # an exception type that takes other arguments
+        return ClusterError(f"stage '{name}': {msg}")
 
 
 def _run_stage(ctx: JobContext, name: str) -> StageOutcome:
@@ -441,11 +558,14 @@ def _run_stage(ctx: JobContext, name: str) -> StageOutcome:
     run_id = run.info.run_id
     status = "FAILED"
     try:
-        tracking.log_params_flat(run_id, flatten(stage.model_dump(mode="json")))
-        client.log_artifact(run_id, str(ctx.spec_path), "spec")
+        tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
+        _log_spec_artifact(run_id, ctx.spec_path)
         for role, ref in inputs.items():
             client.set_tag(run_id, f"pipeline.input.{role}", ref.uri)
-        export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
+        try:
+            export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
+        except Exception as exc:
+            raise _stage_user_error(ctx, name, exc) from None
         _log_metrics(run_id, metrics)
         tags = {"pipeline.stage_key": key, "pipeline.spec_sha256": spec.stage_hash(name),
                 "pipeline.data_manifest_sha256": manifest_sha256(ctx.data_dir),

@@ -56,9 +56,11 @@ def build_task(config: dict[str, Any]):
     if kind == "diffusion":
         return tasks.DiffusionTask(stage, num_classes=config["num_classes"], data=config["data_info"])
     if kind == "distill":
-        teacher_dir = config["inputs"]["teacher"]
-        if not Path(teacher_dir).is_dir():
-            teacher_dir = _download(teacher_dir, config.get("tracking_uri"))
+        source = config["inputs"]["teacher"]
+        if "checkpoint" in source:  # a previous halving's student, from Ray Train storage
+            teacher_dir = str(Path(source["checkpoint"].to_directory()) / "export")
+        else:  # a registered version (runs:/... URI), from MLflow's artifact store
+            teacher_dir = _download(source["uri"], config.get("tracking_uri"))
         teacher, meta = load_exported(teacher_dir)
         return tasks.DistillTask(stage, teacher, meta, teacher_timesteps=config["teacher_timesteps"])
     raise ValueError(f"no training task for stage kind '{kind}'")
