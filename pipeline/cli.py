@@ -25,11 +25,21 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.config import SpecError
+    from pipeline.config import ClusterError, SpecError
     from pipeline.data import DataError
     from pipeline.tracking import TrackingError
 
-    return (SpecError, DataError, TrackingError)
+    kinds: tuple[type[BaseException], ...] = (SpecError, DataError, TrackingError, ClusterError)
+    if "pipeline.train.loop" in sys.modules:  # only a command that trained can raise it
+        kinds += (sys.modules["pipeline.train.loop"].NonFiniteLoss,)
+    return kinds
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind `exc` (also inside Ray Train / Ray Data wrappers), or None for a bug."""
+    from pipeline.config import user_error_root
+
+    return user_error_root(exc, _user_errors())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -123,10 +133,95 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         labels = torch.arange(args.num) % gen.num_classes
     steps = args.steps if args.steps is not None else None
+    cond_fn = _classifier_guidance(args, gen)
     x = generate(gen, labels, steps=steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
-                 seed=args.seed)
+                 seed=args.seed, cond_fn=cond_fn, classifier_scale=args.classifier_scale if cond_fn else 0.0)
     Path(args.out).write_bytes(image_grid(x, nrow=args.nrow, scale=4))
-    print(f"{len(x)} samples of {ref.name} v{ref.version} → {args.out}")
+    guided = f", classifier guidance {args.classifier_scale:g} ({args.classifier})" if cond_fn else ""
+    print(f"{len(x)} samples of {ref.name} v{ref.version}{guided} → {args.out}")
+    return 0
+
+
+def _classifier_guidance(args: argparse.Namespace, gen):
+    """``cond_fn`` for ``generate`` from ``--classifier`` (a registered noisy classifier), or None."""
+    if not args.classifier:
+        if args.classifier_scale:
+            raise SystemExit("error: --classifier-scale needs --classifier models:/NAME@ALIAS")
+        return None
+    from pipeline import tracking
+    from pipeline.eval.guidance import GuidanceError, check_classifier, classifier_cond_fn
+    from pipeline.train.export import load_exported
+
+    ref = tracking.resolve(args.classifier)
+    classifier, meta = load_exported(tracking.download(ref))
+    try:
+        check_classifier(classifier, meta, gen)
+    except GuidanceError as exc:
+        raise SystemExit(f"error: {ref.name} v{ref.version} cannot guide this model: {exc}") from None
+    return classifier_cond_fn(classifier, gen.schedule)
+
+
+def cmd_eval_nll(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline import tracking
+    from pipeline.data import load_split
+    from pipeline.eval.likelihood import generator_nll, log_nll_run
+    from pipeline.stages import load_generator
+
+    _connect(args.tracking_uri)
+    ref = tracking.resolve(args.model)
+    gen = load_generator(tracking.download(ref))
+    if gen.meta.get("extra", {}).get("kind") != "diffusion":
+        raise SystemExit(f"error: {ref.name} v{ref.version} is not a diffusion model")
+    data = load_split(args.data, args.split)
+    n = len(data["label"]) if args.num is None else min(args.num, len(data["label"]))
+    images, labels = torch.from_numpy(data["image"][:n]), torch.from_numpy(data["label"][:n])
+    d = gen.extra["diffusion"]
+    print(f"{ref.name} v{ref.version}: full VLB over all {gen.schedule.num_timesteps} terms + prior "
+          f"({d.get('schedule', 'cosine')}, {d.get('parameterization', 'eps')}"
+          f"{', learned Σ' if d.get('learn_sigma') else ''}) on {n} '{args.split}' examples of {args.data}")
+
+    def progress(done: int, total: int) -> None:
+        log.info("nll: %d/%d examples", done, total)
+
+    r = generator_nll(gen, images, labels, conditional=args.conditional, var_type=args.var_type,
+                      batch_size=args.batch_size, seed=args.seed, progress=progress)
+    params = {"data": args.data, "split": args.split, "num": n, "conditional": args.conditional,
+              "var_type": args.var_type, "seed": args.seed, "timesteps": gen.schedule.num_timesteps,
+              "space": r.space, "decoder": r.decoder}
+    run_id = log_nll_run(ref, r, params)
+    what = ("bits/dim of the LATENTS (continuous: Gaussian L_0, a bound on their differential entropy per latent "
+            "dimension, not comparable with pixel bits/dim)" if r.space == "latent"
+            else "bits/dim of the 8-bit pixels (discretized Gaussian L_0)")
+    cond = "−log p(x | y), true labels" if r.conditional else "−log p(x), null label"
+    print(f"NLL {r.bits_per_dim:.4f} ± {r.stderr:.4f} {what}; {r.dims} dims per example; {cond}")
+    print(f"logged to MLflow run {run_id} (metric nll/bits_per_dim) in the experiment of the model's training run")
+    return 0
+
+
+def cmd_toy_swissroll(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+    from pipeline.toy import SwissRollConfig, run_swissroll
+
+    cfg = SwissRollConfig(schedule=args.schedule, timesteps=args.timesteps, parameterization=args.parameterization,
+                          loss=args.loss, lambda_vlb=args.lambda_vlb, learn_sigma=args.learn_sigma,
+                          var_type=args.var_type, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          max_lr=args.max_lr, samplers=args.sampler or ["ancestral", "strided", "ddim"],
+                          sample_steps=args.sample_steps, eta=args.eta, num_samples=args.num_samples,
+                          nll_points=args.nll_points, seed=args.seed)
+    r = run_swissroll(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    m = r.metrics
+    print(f"Swiss roll: {cfg.steps} training steps in {m['train_seconds']:.0f} s, "
+          f"final loss {m['train/final_loss']:.4f}")
+    print(f"{'sampler':<18}{'sliced W2':>10}{'seconds':>9}")
+    for label in r.samples:
+        print(f"{label:<18}{m[f'sw/{label}']:>10.4f}{m[f'sample_seconds/{label}']:>9.1f}")
+    print(f"{'(data vs data)':<18}{m['sw/data_vs_data']:>10.4f}\n{'(N(0, I))':<18}{m['sw/gaussian']:>10.4f}")
+    print(f"VLB {m['bits_per_dim']:.4f} bits/dim (continuous data, Gaussian L_0; best single Gaussian "
+          f"{m['gaussian_bits_per_dim']:.4f})")
+    uri = tracking.redact(tracking.tracking_uri(args.tracking_uri))
+    print(f"MLflow run {r.run_id} in experiment '{args.experiment}' at {uri} (artifact swissroll.png)")
     return 0
 
 
@@ -270,9 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="grid.png")
     s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--classifier", default=None, metavar="MODEL_URI",
+                   help="noisy classifier for classifier guidance (trained on the model's own input space: "
+                        "pixels, or the same scaled latents for a latent model)")
+    s.add_argument("--classifier-scale", type=float, default=0.0,
+                   help="classifier guidance scale s (Algorithm 1 / eq. 38); 0 = off")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="FID/KID and class accuracy of a generator")
+    e = sub.add_parser("eval", help="FID/KID and class accuracy of a generator (`eval [fid] MODEL`; "
+                       "likelihood: `eval nll MODEL`)")
     e.add_argument("model")
     e.add_argument("--classifier", default="models:/ldm-classifier@champion")
     e.add_argument("--data", default="data/digits")
@@ -283,6 +384,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--tracking-uri", default=None)
     e.set_defaults(fn=cmd_eval)
+
+    n = sub.add_parser("eval-nll", help="NLL in bits/dim of held-out data from the full VLB (= `eval nll MODEL`)")
+    n.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION of a diffusion model")
+    n.add_argument("--data", default="data/digits", help="pixel shards (latent models encode them)")
+    n.add_argument("--split", default="test")
+    n.add_argument("--num", type=int, default=1000, help="first N examples of the split (default 1000)")
+    n.add_argument("--conditional", action="store_true", help="−log p(x|y) with the true labels (default: p(x))")
+    n.add_argument("--var-type", choices=["beta", "beta_tilde"], default="beta",
+                   help="fixed reverse variance when the model does not learn Σ")
+    n.add_argument("--batch-size", type=int, default=64)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--tracking-uri", default=None)
+    n.set_defaults(fn=cmd_eval_nll)
+
+    ty = sub.add_parser("toy", help="toy experiments from the study notes")
+    tysub = ty.add_subparsers(dest="toy_command", required=True)
+    sr = tysub.add_parser("swissroll", help="MLP DDPM on the 2-D Swiss roll (notes fig. 2-3), logged to MLflow")
+    sr.add_argument("--steps", type=int, default=4000, help="training steps")
+    sr.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    sr.add_argument("--timesteps", type=int, default=1000, help="T")
+    sr.add_argument("--parameterization", choices=["eps", "x0", "v"], default="eps")
+    sr.add_argument("--loss", choices=["simple", "hybrid"], default="simple")
+    sr.add_argument("--lambda-vlb", type=float, default=0.001, help="λ of the hybrid loss")
+    sr.add_argument("--learn-sigma", action="store_true", help="learn Σ (eq. 35); use with --loss hybrid")
+    sr.add_argument("--var-type", choices=["beta", "beta_tilde"], default="beta", help="fixed Σ otherwise")
+    sr.add_argument("--batch-size", type=int, default=512)
+    sr.add_argument("--lr", type=float, default=1e-3)
+    sr.add_argument("--max-lr", type=float, default=3e-3, help="peak of the one-cycle LR schedule")
+    sr.add_argument("--sampler", action="append", choices=["ancestral", "strided", "ddim"], default=None,
+                    help="repeatable (default: all three): ancestral = all T steps, strided = ancestral on "
+                         "--sample-steps, ddim = --sample-steps DDIM steps with --eta")
+    sr.add_argument("--sample-steps", type=int, default=50)
+    sr.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    sr.add_argument("--num-samples", type=int, default=2000)
+    sr.add_argument("--nll-points", type=int, default=500, help="held-out points for bits/dim")
+    sr.add_argument("--seed", type=int, default=0)
+    sr.add_argument("--tracking-uri", default=None)
+    sr.add_argument("--experiment", default="toy-swissroll")
+    sr.set_defaults(fn=cmd_toy_swissroll)
 
     bn = sub.add_parser("bench", help="benchmarks: bench NAME [--json OUT] [--repeats N] [--quick] (BENCHMARKS.md)",
                         description="Forwards to `python -m pipeline.bench` (`pipeline bench data -h`).")
@@ -320,19 +460,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _eval_subverb(argv: list[str] | None) -> list[str]:
+    """`eval nll MODEL` → `eval-nll MODEL`; `eval fid MODEL` → `eval MODEL` (plain `eval MODEL` is FID/KID)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is not None and argv[i] == "eval" and i + 1 < len(argv) and argv[i + 1] in ("nll", "fid"):
+        argv[i:i + 2] = ["eval-nll" if argv[i + 1] == "nll" else "eval"]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pipeline` console script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_eval_subverb(argv))
     _setup_logging(args.verbose)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.fn(args) or 0)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as exc:
+        root = _user_error(exc)
+        if root is None:
+            raise
+        print(f"error: {root}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,40 @@ class SpecError(Exception):
     """A user error in a job spec: the message is complete and meant to be shown as is."""
 
 
+class ClusterError(Exception):
+    """The machine or Ray cluster cannot do what the spec asks (unreachable address, no GPU, too few
+    resources): the message is complete and meant to be shown as is."""
+
+
+def user_error_root(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of one of `kinds` behind `exc`, looking through Ray's wrappers.
+
+    Ray Train raises `WorkerGroupError` (`worker_failures`: rank -> error, each wrapping the
+    worker's exception in `_base_exc`) or `ControllerError` (`controller_failure`); Ray tasks
+    raise `RayTaskError` (`cause`). Attributes are read by name, so this module needs no Ray.
+    """
+    seen: set[int] = set()
+    queue: list[BaseException] = [exc]
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, kinds):  # a RayTaskError posing as its cause: prefer the original
+            return cause if isinstance(cause, kinds) else e
+        if type(e).__name__ == "InsufficientClusterResourcesError":
+            return ClusterError(str(e).strip())
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            queue.extend(v for _, v in sorted(failures.items()) if isinstance(v, BaseException))
+        for attr in ("_base_exc", "controller_failure", "cause", "__cause__", "__context__"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                queue.append(inner)
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -184,6 +218,13 @@ Stage = Annotated[
 ]
 
 
+class AugmentSpec(_Strict):
+    """Augmentation of training images, applied in Ray Data tasks (never to latents)."""
+
+    hflip: bool = False
+    shift: int = Field(0, ge=0)
+
+
 class DataSpec(_Strict):
     """Where the training data comes from: a bundled source or existing shards."""
 
@@ -193,6 +234,7 @@ class DataSpec(_Strict):
     held_out: float = Field(0.15, gt=0, lt=1)
     shard_size: int = Field(512, ge=1)
     on_corrupt: Literal["skip", "fail"] = "fail"
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
     @field_validator("source")
     @classmethod
@@ -253,9 +295,10 @@ class JobSpec(_Strict):
 
     def stage_hash(self, name: str) -> str:
         """A hash of everything that determines a stage's result (its spec, data and seed)."""
+        # defaults are left out, so a new optional field does not invalidate earlier results
         payload = {
-            "stage": self.stages[name].model_dump(mode="json"),
-            "data": self.data.model_dump(mode="json"),
+            "stage": self.stages[name].model_dump(mode="json", exclude_defaults=True),
+            "data": self.data.model_dump(mode="json", exclude_defaults=True),
             "seed": self.seed,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -103,9 +103,11 @@ def resolve(uri: str) -> ModelRef:
         known = ""
         try:
             rm = client.get_registered_model(name)
-            known = f"; its aliases are: {', '.join(sorted(rm.aliases)) or '(none)'}"
+            known = (f"; its aliases are: {', '.join(sorted(rm.aliases)) or '(none)'} — use one of them or "
+                     f"a version number (models:/{name}/N)")
         except MlflowException:
-            known = "; no registered model has that name"
+            known = (f"; no registered model is named '{name}' in {redact(client.tracking_uri)} — check the name "
+                     "and the tracking URI, or run the job that registers it")
         raise TrackingError(f"{uri}: not found ({str(exc).splitlines()[0][:120]}){known}") from None
     return ModelRef(name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
 
