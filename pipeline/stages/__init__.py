@@ -198,10 +198,18 @@ def _input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
 
 
 def _pixel_dataset(ctx: JobContext, data_dir: Path):
+    """The training split as a Ray Dataset of (image, label); images augmented per the spec."""
+    from pipeline.data.augment import augment_batch
     from pipeline.data.ray_data import ray_dataset
 
     ds = ray_dataset(data_dir, "train", shuffle_seed=ctx.spec.seed, on_corrupt=ctx.spec.data.on_corrupt)
-    return ds.select_columns(["image", "label"])
+    aug = ctx.spec.data.augment
+    if data_dir == ctx.data_dir and (aug.hflip or aug.shift):
+        ds = ds.map_batches(augment_batch, batch_format="numpy",
+                            fn_kwargs={"hflip": aug.hflip, "shift": aug.shift})
+    ds = ds.select_columns(["image", "label", "key"])  # the key orders in-memory data deterministically
+    ds._pipeline_expected_samples = read_manifest(data_dir).splits["train"].num_samples  # to count skipped ones
+    return ds
 
 
 def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict[str, Any],
@@ -210,7 +218,7 @@ def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict
 
     stage = ctx.spec.stages[name]
     config = {"stage": stage.model_dump(mode="json"), "seed": ctx.spec.seed, "tracking_uri": ctx.uri,
-              "run_id": run_id, **extra}
+              "run_id": run_id, "expected_samples": getattr(dataset, "_pipeline_expected_samples", None), **extra}
     result = fit_stage(config, dataset, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}",
                        storage_path=ctx.storage)
     if result.error:
