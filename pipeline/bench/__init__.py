@@ -78,11 +78,10 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def interleave(contenders: dict[str, Callable[[], float]], repeats: int,
-               warmup: int = 1) -> dict[str, list[float]]:
+def interleave(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[Any]]:
     """Call each contender in turn (A, B, A, B, ...), `warmup` untimed rounds first.
 
-    Each callable returns the quantity it measured (seconds, or a rate); the lists of
+    Each callable returns what it measured (seconds, a rate, or a `Clock` reading); the lists of
     measurements are returned per contender. The order alternates each round (A, B then B, A)
     so neither contender always runs on a warmer cache.
     """
@@ -90,12 +89,36 @@ def interleave(contenders: dict[str, Callable[[], float]], repeats: int,
     for _ in range(warmup):
         for n in names:
             contenders[n]()
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, list[Any]] = {n: [] for n in names}
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
-            out[n].append(float(contenders[n]()))
+            out[n].append(contenders[n]())
     return out
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds of one measurement.
+
+    On a shared machine (load averages far above the core count) wall time mostly measures how much
+    CPU the scheduler granted; the calling thread's CPU time measures the work. With one torch
+    thread all compute runs in the calling thread, so `cpu` is the load-independent cost.
+    """
+
+    wall: float
+    cpu: float
+
+
+class clock:
+    """`with clock() as c: ...` then `c.result` is a `Clock` of the block."""
+
+    def __enter__(self) -> clock:
+        self._w, self._c = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.result = Clock(time.perf_counter() - self._w, time.thread_time() - self._c)
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -157,3 +180,23 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
         return path
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process, its reaped children and its live descendants.
+
+    The difference across a measurement is the CPU a multi-process reader (loader workers, Ray's
+    workers under an in-process Ray) spent on it, whatever the load of the machine.
+    """
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            ct = child.cpu_times()
+            total += ct.user + ct.system
+        except psutil.Error:
+            pass
+    return total

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,13 +49,14 @@ class PlainEngine:
     """The part of the DeepSpeed engine API `train_loop` uses, on a plain AdamW optimizer."""
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, warmup_steps: int,
-                 micro_batch: int, zero_stage: int, grad_clip: float, device: torch.device) -> None:
+                 grad_clip: float, device: torch.device, **_: Any) -> None:
         self.module = model.to(device)
         self.grad_clip = grad_clip
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                      weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+        self.optimizer, self.lr_scheduler = self.opt, self.sched  # what `engine.full_state` reads at stage 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -81,6 +83,35 @@ class PlainEngine:
         torch.save({"model": self.module.state_dict(), "opt": self.opt.state_dict()}, out / "plain.pt")
 
 
+class TimedTask:
+    """A task whose `loss` notes the calling thread's CPU clock: per-step CPU = difference of marks.
+
+    The loop calls `loss` once per step, in the thread that runs the step (Ray Train's training
+    thread in a worker), so consecutive marks bracket one whole step (batch, forward, backward,
+    optimizer, EMA) as far as that thread's own CPU goes, independent of the machine's load.
+    """
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.cpu_marks: list[float] = []
+
+    def build_model(self) -> nn.Module:
+        return self.task.build_model()
+
+    def loss(self, model: Any, batch: dict[str, Any], gen: torch.Generator) -> Any:
+        self.cpu_marks.append(time.thread_time())
+        return self.task.loss(model, batch, gen)
+
+    def model_recipe(self) -> tuple[str, dict[str, Any]]:
+        return self.task.model_recipe()
+
+    def export_extra(self) -> dict[str, Any]:
+        return self.task.export_extra()
+
+    def step_cpu(self) -> list[float]:
+        return list(np.diff(self.cpu_marks)) if len(self.cpu_marks) > 1 else []
+
+
 def _train_cfg(steps: int, batch: int) -> dict[str, Any]:
     return {"steps": steps, "batch_size": batch, "lr": 2e-3, "warmup_steps": 20, "checkpoint_every": steps,
             "log_every": 10**9, "torch_threads": 1}
@@ -103,13 +134,13 @@ def plain_run(data_dir: Path, steps: int, batch: int, plain_optimizer: bool) -> 
     if plain_optimizer:
         loop.make_engine = PlainEngine  # type: ignore[assignment]
     threads = torch.get_num_threads()
+    task = TimedTask(AutoencoderTask(AE_STAGE))
     try:
-        _, ctx, _ = loop.run_plain(AutoencoderTask(AE_STAGE), _train_cfg(steps, batch), SCALE, batches,
-                                   seed=0, cache_batches=True)
+        _, ctx, _ = loop.run_plain(task, _train_cfg(steps, batch), SCALE, batches, seed=0, cache_batches=True)
     finally:
         loop.make_engine = original
         torch.set_num_threads(threads)
-    return {"step_times": ctx.step_times, "wait_times": ctx.wait_times}
+    return {"step_times": ctx.step_times, "wait_times": ctx.wait_times, "step_cpu": task.step_cpu()}
 
 
 def bench_worker(config: dict[str, Any]) -> None:
@@ -123,7 +154,7 @@ def bench_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     rctx = rt.get_context()
     rank, world = rctx.get_world_rank(), rctx.get_world_size()
-    task = build_task(config)
+    task = TimedTask(build_task(config))
     train = config["stage"]["train"]
     micro = max(1, train["batch_size"] // world)
     shard = rt.get_dataset_shard("train")
@@ -141,7 +172,7 @@ def bench_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         if int(metrics.get("step", 0)) >= int(train["steps"]):
             metrics = {**metrics, "bench_timings": json.dumps({
-                "step_times": ctx.step_times, "wait_times": ctx.wait_times,
+                "step_times": ctx.step_times, "wait_times": ctx.wait_times, "step_cpu": task.step_cpu(),
                 "first_step_done_unix": started[0] + ctx.step_times[0] if started else None})}
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
@@ -225,12 +256,13 @@ def run(opts: Options) -> Report:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--skip", type=int, default=25, help="steps left out of the steady state (first epoch)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker Ray Train reference row")
+    p.add_argument("--two-workers", action="store_true", help="add a 2-worker Ray Train reference row")
+    p.add_argument("--cold-runs", type=int, default=2, help="`pipeline run` cold starts (median)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the `pipeline run` cold start")
     a = p.parse_args(opts.extra)
     repeats = opts.repeats or (1 if opts.quick else 3)
     if opts.quick:
-        a.steps, a.skip, a.no_two_workers, a.no_cold_start = 8, 4, True, True
+        a.steps, a.skip, a.two_workers, a.no_cold_start = 8, 4, False, True
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pipeline.bench.data import init_ray
 
@@ -239,10 +271,10 @@ def run(opts: Options) -> Report:
     runs: dict[str, list[dict[str, Any]]] = {}
     storage = tempfile.mkdtemp(prefix="bench-overhead-")
 
-    def contender(name: str, fn) -> float:
+    def contender(name: str, fn) -> tuple[float, float]:
         r = fn()
         runs.setdefault(name, []).append(r)
-        return median(r["step_times"][a.skip:])
+        return median(r["step_times"][a.skip:]), median(r["step_cpu"][a.skip - 1:])
 
     fns = {
         "plain process + AdamW": lambda: contender("plain", lambda: plain_run(d, a.steps, a.batch, True)),
@@ -250,40 +282,47 @@ def run(opts: Options) -> Report:
         "Ray Train + DeepSpeed, 1 worker": lambda: contender(
             "ray1", lambda: ray_run(d, a.steps, a.batch, 1, storage)),
     }
-    if not a.no_two_workers:
+    if a.two_workers:
         fns["Ray Train + DeepSpeed, 2 workers (ref.)"] = lambda: contender(
             "ray2", lambda: ray_run(d, a.steps, a.batch, 2, storage))
     times = interleave(fns, repeats, warmup=0)
-    base = median(times["plain process + AdamW"])
+    wall = {n: median([t[0] for t in ts]) for n, ts in times.items()}
+    cpu = {n: median([t[1] for t in ts]) for n, ts in times.items()}
+    plain, ray1 = "plain process + AdamW", "Ray Train + DeepSpeed, 1 worker"
     rows: list[dict[str, Any]] = []
-    for (name, ts), key in zip(times.items(), runs, strict=True):
+    for name, key in zip(times, runs, strict=True):
         rs = runs[key]
         wait = [sum(r["wait_times"][1:]) / sum(r["step_times"][1:]) for r in rs]
         first = [r.get("fit_to_first_step_s", float("nan")) for r in rs]
-        rows.append({"contender": name, "s/step (median)": median(ts), "vs plain": median(ts) / base,
+        rows.append({"contender": name, "wall s/step": wall[name], "wall vs plain": wall[name] / wall[plain],
+                     "CPU s/step (training thread)": cpu[name], "CPU vs plain": cpu[name] / cpu[plain],
                      "data-wait share": median(wait), "fit() to first step (s)": median(first),
-                     "runs": len(ts)})
-    ratios = {"ray_train_deepspeed_overhead_per_step": median(times["Ray Train + DeepSpeed, 1 worker"]) / base - 1,
-              "deepspeed_overhead_per_step": median(times["plain process + DeepSpeed"]) / base - 1,
-              "ray_train_worker_data_wait_share": rows[2]["data-wait share"]}
+                     "runs": len(times[name])})
+    ratios = {"ray_train_deepspeed_overhead_per_step": wall[ray1] / wall[plain] - 1,
+              "ray_train_deepspeed_overhead_per_step_cpu": cpu[ray1] / cpu[plain] - 1,
+              "deepspeed_overhead_per_step": wall["plain process + DeepSpeed"] / wall[plain] - 1,
+              "deepspeed_overhead_per_step_cpu": cpu["plain process + DeepSpeed"] / cpu[plain] - 1,
+              "ray_train_worker_data_wait_share": rows[2]["data-wait share"],
+              "ray_train_fit_to_first_step_s": rows[2]["fit() to first step (s)"]}
     notes = [f"autoencoder stage, 16 px digits, batch {a.batch}, {a.steps} steps, steady state = median step "
-             f"{a.skip + 1}..{a.steps} of each run (batch cache on), then median over runs; 1 torch thread",
+             f"{a.skip + 1}..{a.steps} of each run (batch cache on), then median over runs; 1 torch thread; "
+             "CPU = the training thread's CPU time per step (load-independent; misses work in other threads "
+             "and processes, which wall time includes)",
              "data-wait share: sum of waits / sum of step times over steps 2..N of each run (includes the "
              "first, streamed epoch); for Ray Train measured inside worker rank 0"]
     if not a.no_cold_start:
-        cs = [cold_start() for _ in range(max(1, min(repeats, 2)))]
+        cs = [cold_start() for _ in range(a.cold_runs)]
         firsts = [c.get("first_step_s", float("nan")) for c in cs]
-        rows.append({"contender": "`pipeline run jobs/ldm.yaml` (fresh dir) to first step (s)",
-                     "s/step (median)": median(firsts), "vs plain": "", "data-wait share": "",
-                     "fit() to first step (s)": "", "runs": len(cs)})
+        rows.append({"contender": "`pipeline run jobs/ldm.yaml`, fresh directory: start to first step",
+                     "fit() to first step (s)": median(firsts), "runs": len(cs)})
         ratios["pipeline_run_to_first_step_s"] = median(firsts)
         notes.append(f"cold start detail: {cs}")
     import ray
 
     ray.shutdown()
     return Report(name="overhead", command="python -m pipeline.bench overhead",
-                  columns=["contender", "s/step (median)", "vs plain", "data-wait share", "fit() to first step (s)",
-                           "runs"],
+                  columns=["contender", "wall s/step", "wall vs plain", "CPU s/step (training thread)",
+                           "CPU vs plain", "data-wait share", "fit() to first step (s)", "runs"],
                   rows=rows, ratios=ratios,
                   goals={"ray_train_deepspeed_overhead_per_step": "< 0.10",
                          "ray_train_worker_data_wait_share": "< 0.05"},

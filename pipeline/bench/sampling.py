@@ -25,7 +25,6 @@ All timings interleave ours and diffusers (A, B, B, A, ...) in one process; medi
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.bench import Options, Report, interleave, median
+from pipeline.bench import Clock, Options, Report, clock, interleave, median
 from pipeline.bench.step import UNET_ARGS
 
 
@@ -159,29 +158,35 @@ def run(opts: Options) -> Report:
     for sampler, fns in pairs.items():
         outs: dict[str, torch.Tensor] = {}
 
-        def timed(name: str, fns: dict = fns, outs: dict = outs) -> float:
-            t0 = time.perf_counter()
-            outs[name] = fns[name]()
-            return time.perf_counter() - t0
+        def timed(name: str, fns: dict = fns, outs: dict = outs) -> Clock:
+            with clock() as k:
+                outs[name] = fns[name]()
+            return k.result
 
         n = ddpm_repeats if sampler == "DDPM-1000" else repeats
         times = interleave({k: (lambda k=k: timed(k)) for k in fns}, n, warmup=0 if sampler == "DDPM-1000" else 1)
         diff = float((outs["ours"] - outs["diffusers"]).abs().max())
         scale = float(outs["diffusers"].abs().max())
-        ratio = median(times["diffusers"]) / median(times["ours"])
+        cpu = {k: median([c.cpu for c in v]) for k, v in times.items()}
+        wall = {k: median([c.wall for c in v]) for k, v in times.items()}
+        ratio = cpu["diffusers"] / cpu["ours"]
         for name in fns:
-            rows.append({"sampler": sampler, "implementation": name, "s/batch (median)": median(times[name]),
-                         "images/s": a.batch / median(times[name]), "ours speed-up": ratio if name == "ours" else 1.0,
+            rows.append({"sampler": sampler, "implementation": name, "CPU s/batch": cpu[name],
+                         "images/CPU-s": a.batch / cpu[name], "ours speed-up (CPU)": ratio if name == "ours" else 1.0,
+                         "wall s/batch": wall[name],
+                         "ours speed-up (wall)": wall["diffusers"] / wall["ours"] if name == "ours" else 1.0,
                          "max |ours − diffusers|": diff,
                          "max |x|": scale, "runs": len(times[name])})
         key = sampler.split(" ")[0].lower().replace("-", "")
         ratios[f"{key}_ours_vs_diffusers_speed"] = ratio
+        ratios[f"{key}_ours_vs_diffusers_speed_wall"] = wall["diffusers"] / wall["ours"]
         ratios[f"{key}_max_abs_diff"] = diff
     return Report(
         name="sampling", command="python -m pipeline.bench sampling",
-        columns=["sampler", "implementation", "s/batch (median)", "images/s", "ours speed-up",
-                 "max |ours − diffusers|", "max |x|", "runs"],
+        columns=["sampler", "implementation", "CPU s/batch", "images/CPU-s", "ours speed-up (CPU)",
+                 "wall s/batch", "ours speed-up (wall)", "max |ours − diffusers|", "max |x|", "runs"],
         rows=rows, ratios=ratios, goals={"ddim50_ours_vs_diffusers_speed": ">= 1.0", "ddim50_max_abs_diff": "~1e-5"},
         notes=[f"batch {a.batch} latents 2x8x8, U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-               f"params, {a.threads} torch thread(s), fp32; ours speed-up = diffusers time ÷ ours time"],
+               f"params, {a.threads} torch thread(s), fp32; ours speed-up = diffusers time ÷ ours time, medians; "
+               "headline on the calling thread's CPU time (load-independent with 1 thread), wall alongside"],
         params=vars(a) | {"repeats": repeats, "ddpm_repeats": ddpm_repeats})

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.bench import Options, Report, interleave, median
+from pipeline.bench import Clock, Options, Report, clock, interleave, median
 
 UNET_ARGS: dict[str, Any] = {"in_channels": 2, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
                              "attention_resolutions": [2], "num_heads": 4, "num_classes": 10}
@@ -63,23 +63,21 @@ def _diffusers_dit(size: int, depth: int) -> nn.Module:
 
 
 def make_step(model: nn.Module, call: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-              batch: dict[str, torch.Tensor], steps: int) -> Callable[[], float]:
-    """A callable running `steps` training steps and returning seconds per step."""
-    import time
-
+              batch: dict[str, torch.Tensor], steps: int) -> Callable[[], Clock]:
+    """A callable running `steps` training steps and returning wall and CPU seconds per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     c = batch["x0"].shape[1]
 
-    def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            out = call(model, batch["xt"], batch["t"], batch["y"])
-            loss = F.mse_loss(out[:, :c], batch["eps"])
-            loss.backward()
-            opt.step()
-        return (time.perf_counter() - t0) / steps
+    def run() -> Clock:
+        with clock() as k:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                out = call(model, batch["xt"], batch["t"], batch["y"])
+                loss = F.mse_loss(out[:, :c], batch["eps"])
+                loss.backward()
+                opt.step()
+        return Clock(k.result.wall / steps, k.result.cpu / steps)
 
     return run
 
@@ -140,22 +138,26 @@ def run(opts: Options) -> Report:
         times = interleave(fns, repeats, warmup=1)
         ours_name = next(iter(models))
         base_params = n_params(models[ours_name][0])
+        cpu = {n: median([c.cpu for c in ts]) for n, ts in times.items()}
+        wall = {n: median([c.wall for c in ts]) for n, ts in times.items()}
         for name, (m, _) in models.items():
-            med = median(times[name])
             rows.append({"backbone": group, "model": name, "params (M)": n_params(m) / 1e6,
                          "params vs ours": n_params(m) / base_params,
                          "batch": len(batch["x0"]), "input": "x".join(map(str, batch["x0"].shape[1:])),
-                         "s/step (median)": med, "samples/s": len(batch["x0"]) / med,
-                         "ours speed-up": med / median(times[ours_name]),
+                         "CPU s/step": cpu[name], "samples/CPU-s": len(batch["x0"]) / cpu[name],
+                         "ours speed-up (CPU)": cpu[name] / cpu[ours_name],
+                         "wall s/step": wall[name], "ours speed-up (wall)": wall[name] / wall[ours_name],
                          "runs": len(times[name])})
         names = list(models)
-        ratios[f"{group}_ours_vs_diffusers_throughput"] = median(times[names[1]]) / median(times[ours_name])
+        ratios[f"{group}_ours_vs_diffusers_throughput"] = cpu[names[1]] / cpu[ours_name]
+        ratios[f"{group}_ours_vs_diffusers_throughput_wall"] = wall[names[1]] / wall[ours_name]
     return Report(
         name="step", command="python -m pipeline.bench step",
-        columns=["backbone", "model", "params (M)", "params vs ours", "batch", "input", "s/step (median)",
-                 "samples/s", "ours speed-up", "runs"],
+        columns=["backbone", "model", "params (M)", "params vs ours", "batch", "input", "CPU s/step",
+                 "samples/CPU-s", "ours speed-up (CPU)", "wall s/step", "ours speed-up (wall)", "runs"],
         rows=rows, ratios=ratios,
         goals={"dit_ours_vs_diffusers_throughput": ">= 1.0", "unet_ours_vs_diffusers_throughput": ">= 1.0"},
-        notes=["ours speed-up = diffusers s/step ÷ ours s/step (> 1: ours is faster); fp32, "
-               f"{a.threads} torch thread(s), AdamW, ε-MSE with class labels, same inputs"],
+        notes=["ours speed-up = diffusers s/step ÷ ours s/step (> 1: ours is faster); medians; headline ratio "
+               "on the calling thread's CPU time (load-independent with 1 torch thread), wall time alongside; "
+               f"fp32, {a.threads} torch thread(s), AdamW, ε-MSE with class labels, same inputs"],
         params=vars(a) | {"repeats": repeats})
