@@ -483,8 +483,15 @@ def main(argv: list[str] | None = None) -> int:
         root = _user_error(exc)
         if root is None:
             raise
+        _stop_ray()  # flush Ray's forwarded worker logs first, so the message is the last line
         print(f"error: {root}", file=sys.stderr)
         return 2
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

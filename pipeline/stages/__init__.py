@@ -167,10 +167,9 @@ def init_ray(spec: JobSpec) -> None:
     if address:  # a cluster (or `ray job submit`): the job's own runtime env reaches the workers
         check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
-    else:  # in-process: nothing listens beyond this machine's loopback interface
+    else:  # in-process: no dashboard / job API at all
         ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"),
-                 _node_ip_address="127.0.0.1")
+                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -62,7 +62,7 @@ def connect(uri: str, timeout_s: float = 15.0) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure here means "unreachable/unauthorised"
             raise TrackingError(
                 f"cannot reach the MLflow server at {redact(uri)} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}); start it (mlflow/start-server.sh) or unset "
+                f"{redact(str(exc).splitlines()[0][:200])}); start it (mlflow/start-server.sh) or unset "
                 "MLFLOW_TRACKING_URI to use the embedded store"
             ) from None
 

@@ -16,9 +16,11 @@ def device_for(gpus_per_worker: float) -> torch.device:
     """The device a worker trains on; a GPU asked for where none exists is a clear error."""
     if gpus_per_worker > 0:
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                "the spec asks for GPUs (scale.gpus_per_worker > 0) but this machine has none; "
-                "set scale.gpus_per_worker=0 to train on CPU"
+            from pipeline.config import ClusterError
+
+            raise ClusterError(
+                f"the spec asks for GPUs (scale.gpus_per_worker={gpus_per_worker:g}) but this worker's machine "
+                f"({socket.gethostname()}) has none that torch can use; set scale.gpus_per_worker=0 to train on CPU"
             )
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local % torch.cuda.device_count())
@@ -97,3 +99,87 @@ def gathered_params(engine):
 
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+# ----------------------------------------------------------------------------- topology-free training state
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds Adam's moments (over flat partitions under ZeRO)."""
+    opt = engine.optimizer
+    return opt.optimizer if engine.zero_optimization_stage() > 0 else opt
+
+
+def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every parameter's fp32 weight and Adam moments, whole, plus the optimizer step and scheduler state.
+
+    A collective under ZeRO (each rank holds a partition): every rank must call it. The result does
+    not depend on the ZeRO stage or the number of workers, so it loads into any other topology.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    base = _base_optimizer(engine)
+    tensors: dict[str, torch.Tensor] = {}
+    opt_step = 0.0
+    for name, p in engine.module.named_parameters():
+        if stage == 0:
+            st = base.state.get(p, {})
+            w, m, v = p.detach(), st.get("exp_avg"), st.get("exp_avg_sq")
+        else:
+            w = safe_get_full_fp32_param(p)
+            m = safe_get_full_optimizer_state(p, "exp_avg")
+            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+        tensors[f"param/{name}"] = w.detach().float().cpu().clone()
+        if m is not None and v is not None:
+            tensors[f"exp_avg/{name}"] = m.detach().float().cpu().clone()
+            tensors[f"exp_avg_sq/{name}"] = v.detach().float().cpu().clone()
+    for name, b in engine.module.named_buffers():
+        tensors[f"buffer/{name}"] = b.detach().cpu().clone()
+    for st in base.state.values():
+        if "step" in st:
+            opt_step = float(st["step"])
+            break
+    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    return tensors, {"optimizer_step": opt_step, "scheduler": sched}
+
+
+def load_module_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the weights of a `full_state` into a plain module (before DeepSpeed partitions it)."""
+    state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(("param/", "buffer/"))}
+    model.load_state_dict(state, strict=True)
+
+
+def load_optimizer_state(engine, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Put the weights, Adam moments, step and LR schedule of a `full_state` into `engine` (any ZeRO stage)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    base = _base_optimizer(engine)
+    step = float(meta["optimizer_step"])
+    for group in base.param_groups:  # torch creates Adam's state lazily, at the first step
+        for p in group["params"]:
+            st = base.state[p]
+            st.setdefault("step", torch.tensor(step))
+            st.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st["step"].fill_(step)
+    if stage in (1, 2) and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._lazy_init_hp_params_optimizer_state()  # link the moments to each parameter
+    for name, p in engine.module.named_parameters():
+        w = tensors[f"param/{name}"].to(p.device)
+        m, v = tensors.get(f"exp_avg/{name}"), tensors.get(f"exp_avg_sq/{name}")
+        if stage == 0:
+            with torch.no_grad():
+                p.copy_(w)
+            if m is not None:
+                base.state[p]["exp_avg"].copy_(m)
+                base.state[p]["exp_avg_sq"].copy_(v)
+            continue
+        safe_set_full_fp32_param(p, w)
+        if m is not None:
+            safe_set_full_optimizer_state(p, m.to(p.device), "exp_avg")
+            safe_set_full_optimizer_state(p, v.to(p.device), "exp_avg_sq")
+    if meta.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(dict(meta["scheduler"]))
+        for group, lr in zip(base.param_groups, meta["scheduler"]["_last_lr"], strict=True):
+            group["lr"] = lr

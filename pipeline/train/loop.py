@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -25,7 +26,16 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pipeline.train.ema import EMA
-from pipeline.train.engine import autocast, device_for, gathered_params, make_engine, resolve_precision
+from pipeline.train.engine import (
+    autocast,
+    device_for,
+    full_state,
+    gathered_params,
+    load_module_state,
+    load_optimizer_state,
+    make_engine,
+    resolve_precision,
+)
 from pipeline.train.export import export_weights
 from pipeline.train.tasks import Task
 
@@ -34,7 +44,9 @@ log = logging.getLogger("pipeline.train")
 CKPT_TAG = "ckpt"
 STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+TRAIN_STATE = "train_state.safetensors"  # weights + Adam moments, whole: loads into any ZeRO stage / worker count
 EXPORT_DIR = "export"
+MAX_NONFINITE_IN_A_ROW = 20  # with on_nonfinite=skip: this many non-finite losses in a row stop the stage
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,6 +63,10 @@ class WorkerContext:
     report: Callable[[dict[str, float], str | None], None]  # (metrics, checkpoint dir or None)
     resume_dir: str | None = None
     log_metrics: Callable[[dict[str, float], int], None] | None = None
+    # In-memory data: all training samples {"image": (N, ...), "label": (N,)} in a fixed order (by key).
+    # When given, batch b is a pure function of (seed, b) — see `_memory_batches` — instead of `batches`.
+    samples: Callable[[], dict[str, torch.Tensor]] | None = None
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # merged into every report
     step_times: list[float] = field(default_factory=list)
     wait_times: list[float] = field(default_factory=list)
 
@@ -105,6 +121,41 @@ def _cycle(ctx: WorkerContext, start_epoch: int, cache: bool) -> Iterator[tuple[
         epoch += 1
 
 
+def _memory_batches(data: dict[str, torch.Tensor], *, rank: int, world: int, micro: int, seed: int,
+                    start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Endless batches from samples held in memory, batch number `start` first.
+
+    Global batch b is rows [i·G, (i+1)·G) of a permutation of all N samples seeded by (seed, e),
+    where G = micro·world, e = b // (N // G) and i = b mod (N // G); this worker takes its
+    micro-slice [rank·micro, (rank+1)·micro). The global batch therefore depends only on the seed
+    and b — not on the worker count, the rank or an interruption — so a resumed run sees exactly the
+    batches an uninterrupted one would, and 1 or N workers see the same global batches.
+    """
+    n, g = len(data["label"]), micro * world
+    per_epoch = n // g
+    if per_epoch == 0:
+        raise RuntimeError(f"{n} training samples are fewer than one global batch of {g}; lower train.batch_size")
+    perm, perm_epoch, b = torch.empty(0, dtype=torch.long), -1, start
+    while True:
+        epoch, i = divmod(b, per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            perm_epoch = epoch
+        idx = perm[i * g + rank * micro:i * g + (rank + 1) * micro]
+        yield epoch, {"image": data["image"][idx], "label": data["label"][idx]}
+        b += 1
+
+
+def _global_mean(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average logged sums over the workers, so a logged loss is the loss of the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
+
+
 def _all_true(flag: bool, device: torch.device) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
@@ -127,6 +178,14 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     _seed_all(seed * 1000 + ctx.rank)
 
     model = task.build_model()
+    resume_state: dict[str, Any] | None = None
+    if ctx.resume_dir:  # weights go in before DeepSpeed partitions the model (ZeRO-3)
+        resume_state = json.loads((Path(ctx.resume_dir) / STATE).read_text())
+        if not (Path(ctx.resume_dir) / TRAIN_STATE).is_file():
+            raise RuntimeError(f"checkpoint {ctx.resume_dir} has no {TRAIN_STATE} (written by an older version); "
+                               "remove the stage's run directory under ray.storage to start the stage over")
+        resume_tensors = load_file(str(Path(ctx.resume_dir) / TRAIN_STATE))
+        load_module_state(model, resume_tensors)
     micro = max(1, train["batch_size"] // ctx.world_size)
     engine = make_engine(model, lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                          warmup_steps=train.get("warmup_steps", 0), micro_batch=micro,
@@ -138,17 +197,18 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     step = 0
     skipped = 0
     gen = torch.Generator(device=device).manual_seed(seed * 7919 + ctx.rank * 104729)
-    if ctx.resume_dir:
-        engine.load_checkpoint(ctx.resume_dir, tag=CKPT_TAG)
-        state = json.loads((Path(ctx.resume_dir) / STATE).read_text())
-        step, skipped = int(state["step"]), int(state.get("skipped", 0))
+    if ctx.resume_dir and resume_state is not None:
+        # Not DeepSpeed's own (pickled) checkpoint: safetensors + JSON, whatever the saved topology.
+        load_optimizer_state(engine, resume_tensors, resume_state)
+        step, skipped = int(resume_state["step"]), int(resume_state.get("skipped", 0))
         ema.load_state_dict(load_file(str(Path(ctx.resume_dir) / EMA_FILE)))
         rng_file = Path(ctx.resume_dir) / f"rng_rank{ctx.rank}.safetensors"
         if rng_file.is_file():
             rng = load_file(str(rng_file))
             _set_rng_state(rng)
             gen.set_state(rng["gen"])
-        log.info("rank %d resumed at step %d from %s", ctx.rank, step, ctx.resume_dir)
+        log.info("rank %d resumed at step %d from %s (saved by %s worker(s), ZeRO-%s)", ctx.rank, step,
+                 ctx.resume_dir, resume_state.get("world_size", "?"), resume_state.get("zero_stage", "?"))
 
     total = int(train["steps"])
     resumed_at = step
@@ -158,7 +218,12 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     metrics: dict[str, float] = {}
     sums: dict[str, float] = {}
     count = 0
-    batches = _cycle(ctx, start_epoch=step, cache=cache_batches)
+    if ctx.samples is not None:
+        batches = _memory_batches(ctx.samples(), rank=ctx.rank, world=ctx.world_size, micro=micro, seed=seed,
+                                  start=step + skipped)
+    else:
+        batches = _cycle(ctx, start_epoch=step, cache=cache_batches)
+    nonfinite_in_a_row = 0
     t_log = time.perf_counter()
 
     while step < total:
@@ -171,10 +236,17 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
         finite = _all_true(bool(torch.isfinite(loss).item()), device)
         if not finite:
             if on_nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (train.on_nonfinite=stop)")
+                raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (train.on_nonfinite=stop). Lower "
+                                    "train.lr, check the data, or set train.on_nonfinite=skip to skip such steps")
             skipped += 1
-            log.warning("rank %d: non-finite loss at step %d skipped", ctx.rank, step)
+            nonfinite_in_a_row += 1
+            log.warning("rank %d: non-finite loss at step %d skipped (%d skipped so far)", ctx.rank, step, skipped)
+            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NonFiniteLoss(f"{nonfinite_in_a_row} non-finite losses in a row at step {step} "
+                                    f"(train.on_nonfinite=skip); the run is diverging: lower train.lr or check the "
+                                    "data")
             continue
+        nonfinite_in_a_row = 0
         engine.backward(loss)
         engine.step()
         with gathered_params(engine):
@@ -186,7 +258,7 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
         if step % log_every == 0 or step == total:
-            metrics = {f"train/{k}": v / count for k, v in sums.items()}
+            metrics = {f"train/{k}": v / count for k, v in _global_mean(sums, device).items()}
             metrics["train/lr"] = float(engine.get_lr()[0])
             metrics["train/epoch"] = float(epoch)
             metrics["train/skipped_steps"] = float(skipped)
@@ -210,19 +282,27 @@ def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int
                      metrics: dict[str, float], gen: torch.Generator, final: bool) -> None:
     for v in ema.state_dict().values():
         if not torch.isfinite(v).all():
-            raise NonFiniteLoss(f"non-finite EMA weights at step {step}; the checkpoint is not written")
+            raise NonFiniteLoss(f"non-finite EMA weights at step {step}; the checkpoint is not written and "
+                                "nothing is registered. Lower train.lr or check the data")
+    tensors, opt_meta = full_state(engine)  # a collective: every rank takes part
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise NonFiniteLoss(f"non-finite weights or optimizer state at step {step}; the checkpoint is not written "
+                            "and nothing is registered. Lower train.lr or check the data")
     with tempfile.TemporaryDirectory(prefix="pipeline-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, save_latest=False)
         save_file({k: v.contiguous() for k, v in {**_rng_state(), "gen": gen.get_state()}.items()},
                   str(Path(tmp) / f"rng_rank{ctx.rank}.safetensors"))
         if ctx.rank == 0:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(Path(tmp) / EMA_FILE))
-            (Path(tmp) / STATE).write_text(json.dumps({"step": step, "skipped": skipped}))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / TRAIN_STATE))
+            (Path(tmp) / STATE).write_text(json.dumps({
+                "step": step, "skipped": skipped, "world_size": ctx.world_size,
+                "zero_stage": engine.zero_optimization_stage(), **opt_meta}))
             if final:
                 name, args = task.model_recipe()
                 export_weights(ema.state_dict(), name, args, Path(tmp) / EXPORT_DIR,
                                extra=task.export_extra())
-        report_metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        report_metrics = {k: v for k, v in {**metrics, **ctx.extra_metrics}.items() if math.isfinite(v)}
         report_metrics["step"] = float(step)
         ctx.report(report_metrics, tmp)
 
@@ -232,20 +312,30 @@ def run_plain(task: Task, train: dict[str, Any], scale: dict[str, Any],
               checkpoint_root: str | None = None, resume_dir: str | None = None,
               cache_batches: bool = False,
               log_metrics: Callable[[dict[str, float], int], None] | None = None,
+              samples: Callable[[], dict[str, torch.Tensor]] | None = None,
               ) -> tuple[dict[str, float], WorkerContext, list[str]]:
     """Run the loop in this process (world_size=1, no Ray). Checkpoints are copied under
-    `checkpoint_root/step-N` when given; returns (metrics, context, checkpoint dirs)."""
+    `checkpoint_root/step-N` when given; returns (metrics, context, checkpoint dirs). With `samples`
+    (all training samples in memory) batches come from `_memory_batches`, as on the Ray path."""
     import shutil
 
     saved: list[str] = []
 
     def report(metrics: dict[str, float], ckpt: str | None) -> None:
-        if ckpt and checkpoint_root:
+        if ckpt and checkpoint_root:  # copied under a temporary name, then renamed: never half there
             dst = Path(checkpoint_root) / f"step-{int(metrics['step']):08d}"
-            shutil.copytree(ckpt, dst, dirs_exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.copytree(ckpt, tmp)
+                if dst.exists():
+                    shutil.rmtree(dst)
+                os.replace(tmp, dst)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             saved.append(str(dst))
 
     ctx = WorkerContext(rank=0, world_size=1, batches=batches, report=report, resume_dir=resume_dir,
-                        log_metrics=log_metrics)
+                        log_metrics=log_metrics, samples=samples)
     metrics = train_loop(task, train, scale, ctx, seed=seed, cache_batches=cache_batches)
     return metrics, ctx, saved

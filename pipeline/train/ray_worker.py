@@ -31,6 +31,10 @@ def setup_worker_logging() -> None:
         root.setLevel(logging.INFO)
         root.propagate = False
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # A failing training function reaches the driver as an exception carrying its traceback; these two
+    # loggers would print it a second (and third) time, after the driver's own one-line message.
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -81,6 +85,67 @@ def _metric_logger(tracking_uri: str | None, run_id: str | None):
     return log_metrics
 
 
+def _tensors(b: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    return {"image": torch.from_numpy(np.ascontiguousarray(b["image"], dtype=np.float32)),  # (B, C, H, W)
+            "label": torch.from_numpy(np.ascontiguousarray(b["label"], dtype=np.int64))}  # (B,)
+
+
+def _reraise_data_error(exc: BaseException) -> None:
+    """Raise the DataError behind a Ray Data failure as itself (Ray's wrappers keep only its text)."""
+    import re
+    import traceback
+
+    from pipeline.config import user_error_root
+    from pipeline.data import DataError
+
+    root = user_error_root(exc, (DataError,))
+    if root is not None:
+        raise DataError(str(root)) from None
+    text = "".join(traceback.format_exception(exc))
+    m = re.search(r"^(?:[\w.]*\.)?DataError: (.+)$", text, re.MULTILINE)
+    if m:
+        raise DataError(m.group(1).strip()) from None
+
+
+def load_samples(shard, ctx: WorkerContext, expected: int | None) -> dict[str, torch.Tensor]:
+    """data_mode=memory: every training sample (the unsplit dataset), ordered by sample key.
+
+    The order is fixed whatever order Ray Data delivers in, so batches are a function of the seed
+    alone (`pipeline.train.loop._memory_batches`). Samples the decoder skipped as corrupt
+    (data.on_corrupt=skip) are counted against the manifest and reported as `data/skipped_samples`.
+    """
+    import numpy as np
+
+    from pipeline.data import DataError
+
+    keys: list[str] = []
+    parts: list[dict[str, torch.Tensor]] = []
+    try:
+        for b in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+            keys.extend(str(k) for k in b["key"])
+            parts.append(_tensors(b))
+    except Exception as exc:  # a corrupt sample in fail mode, raised in a Ray Data task
+        _reraise_data_error(exc)
+        raise
+    if not keys:
+        raise DataError("the training split yielded no samples (all skipped as corrupt?); check the shards")
+    if len(set(keys)) != len(keys):
+        raise DataError("the training split holds duplicate sample keys; rebuild the shards")
+    order = torch.from_numpy(np.argsort(np.asarray(keys), kind="stable"))
+    data = {k: torch.cat([p[k] for p in parts])[order] for k in ("image", "label")}
+    skipped = max(0, int(expected) - len(keys)) if expected is not None else 0
+    ctx.extra_metrics["data/samples"] = float(len(keys))
+    ctx.extra_metrics["data/skipped_samples"] = float(skipped)
+    if skipped and ctx.rank == 0:
+        log.warning("%d corrupt training sample(s) skipped (data.on_corrupt=skip); training on %d of %d",
+                    skipped, len(keys), expected)
+        if ctx.log_metrics:
+            ctx.log_metrics({"data/skipped_samples": float(skipped)}, 0)
+    return data
+
+
 def worker_main(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` for Ray Train's TorchTrainer."""
     import ray.train as rt
@@ -88,23 +153,32 @@ def worker_main(config: dict[str, Any]) -> None:
     setup_worker_logging()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if config["stage"]["scale"]["gpus_per_worker"] == 0
                           else "cuda")
+    import ray
+
     rctx = rt.get_context()
     rank, world = rctx.get_world_rank(), rctx.get_world_size()
+    log.info("rank %d of %d on node %s (pid %d)", rank, world, ray.get_runtime_context().get_node_id(),
+             os.getpid())
     task = build_task(config)
     train = config["stage"]["train"]
     micro = max(1, train["batch_size"] // world)
     shard = rt.get_dataset_shard("train")
 
-    def batches(epoch: int):
-        for b in shard.iter_torch_batches(batch_size=micro, drop_last=True,
-                                          dtypes={"image": torch.float32, "label": torch.int64}):
-            yield {"image": b["image"], "label": b["label"]}
+    def batches(epoch: int):  # data_mode=stream: this worker's split, in arrival order
+        try:
+            for b in shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy"):
+                yield _tensors(b)
+        except Exception as exc:
+            _reraise_data_error(exc)
+            raise
 
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report,
                         log_metrics=_metric_logger(config.get("tracking_uri"), config.get("run_id")))
+    if config.get("data_mode", "memory") == "memory":
+        ctx.samples = lambda: load_samples(shard, ctx, config.get("expected_samples"))
     checkpoint = rt.get_checkpoint()
     if checkpoint is None:
         train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"],
@@ -117,8 +191,13 @@ def worker_main(config: dict[str, Any]) -> None:
 
 
 def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: str):
-    """Run one training stage on Ray Train; returns Ray's Result (checkpoint = final export)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """Run one training stage on Ray Train; returns Ray's Result (checkpoint = final export).
+
+    Ray Train restarts the workers from the latest checkpoint after a worker failure, up to
+    `scale.max_failures` times (-1: always), and resumes from storage when the same `run_name`
+    and `storage_path` are used again (a re-run after the driver died).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scale = config["stage"]["scale"]
@@ -147,5 +226,9 @@ def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: s
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": dataset},
+        # memory: every worker reads the whole (small) split once and slices global batches itself
+        # (deterministic, resumable exactly); stream: Ray Data splits it between the workers.
+        dataset_config=DataConfig(datasets_to_split=[] if config.get("data_mode", "memory") == "memory"
+                                  else "all"),
     )
     return trainer.fit()
