@@ -1,0 +1,17 @@
+"""Fixtures of the reliability tests (helpers live in tests/reliability/helpers.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import build_dataset
+
+
+@pytest.fixture(scope="session")
+def digits8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits at 8x8 in two train shards. Read-only: copy before corrupting."""
+    out = tmp_path_factory.mktemp("rel-digits") / "digits"
+    build_dataset("digits", out, image_size=8, shard_size=800, seed=0)
+    return out

@@ -1,0 +1,80 @@
+"""Helpers of the reliability tests: a tiny job file, CLI runners, shard corruption."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A one-stage job: a small classifier on 8x8 digits; tests override fields with --set.
+TINY_JOB = {
+    "name": "rel",
+    "seed": 0,
+    "data": {"source": "shards", "dir": "SET-ME", "image_size": 8},
+    "tracking": {"experiment": "rel"},
+    "eval": {"classifier": None},
+    "ray": {"num_cpus": 8},
+    "stages": {
+        "classifier": {
+            "kind": "classifier",
+            "model": {"name": "classifier", "args": {"in_channels": 1, "num_classes": 10, "model_channels": 8,
+                                                     "channel_mult": [1, 2], "num_res_blocks": 1}},
+            "scale": {"workers": 2, "cpus_per_worker": 1, "zero_stage": 1, "max_failures": 0},
+            "train": {"steps": 12, "batch_size": 32, "lr": 2.0e-3, "checkpoint_every": 6, "log_every": 3},
+            "register": {"name": "rel-classifier", "gate": {"metric": "eval/accuracy", "min": 0.0}},
+        }
+    },
+}
+
+
+def write_job(path: Path, data_dir: Path, **stage_overrides) -> Path:
+    """Write TINY_JOB (data from `data_dir`) to `path`; `stage_overrides` replace stage sections."""
+    job = yaml.safe_load(yaml.safe_dump(TINY_JOB))
+    job["data"]["dir"] = str(data_dir)
+    job["stages"]["classifier"].update(stage_overrides)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def corrupt_member(tar_path: Path, suffix: str = ".png", index: int = 0) -> str:
+    """Overwrite the bytes of the `index`-th member ending in `suffix` with zeros (same size, so the
+    manifest's byte count still matches); returns the member's name."""
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(suffix)]
+    member = members[index]
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    return member.name
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a `pipeline` subprocess: no inherited tracking URI or Ray address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(extra)
+    return env
+
+
+def pipeline_cmd(*args: str) -> list[str]:
+    """argv of `python -m pipeline ARGS` with this interpreter."""
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def run_pipeline(cwd: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
+    """Run `pipeline ARGS` in `cwd` (own session, so Ray's processes can be ended with it)."""
+    return subprocess.run(pipeline_cmd(*args), cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def listing(path: Path) -> set[str]:
+    """Every path under `path`, relative (to show that a failed command wrote nothing)."""
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
