@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,14 @@ class Generator:
 @torch.no_grad()
 def generate(gen: Generator, labels: torch.Tensor, *, steps: int | list[int] | None = None,
              guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
-             batch_size: int = 250) -> torch.Tensor:
-    """Class-conditional samples in pixel space (N, C, H, W), values roughly in [-1, 1]."""
+             batch_size: int = 250, cond_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+             | None = None, classifier_scale: float = 0.0) -> torch.Tensor:
+    """Class-conditional samples in pixel space (N, C, H, W), values roughly in [-1, 1].
+
+    Classifier guidance: ``cond_fn(x, t, y) = ∇_x log f(y | x_t)`` (see
+    :func:`pipeline.eval.guidance.classifier_cond_fn`) scaled by ``classifier_scale``; ancestral sampling
+    shifts the mean by scale·Σ·grad (Algorithm 1, fig. 2-7), DDIM uses eq. 38.
+    """
     steps = steps if steps is not None else gen.default_steps
     if gen.extra.get("distilled_guidance") and guidance:
         log.warning("guidance %.2f ignored: this model has guidance %.2f distilled into it",
@@ -70,13 +77,15 @@ def generate(gen: Generator, labels: torch.Tensor, *, steps: int | list[int] | N
         else:
             fn = (lambda yy: (lambda x, t: gen.model(x, t, y=yy)))(y)
         xT = torch.randn((len(y), *shape), generator=g)
+        guide = (lambda yy: (lambda x, t: cond_fn(x, t, yy)))(y) if cond_fn is not None else None
         if sampler == "ddim":
             z = sample_ddim(fn, base, xT, steps, eta=eta, parameterization=d.get("parameterization", "eps"),
-                            generator=g)
+                            generator=g, cond_fn=guide, guidance_scale=classifier_scale)
         elif sampler == "ancestral":
             sched = base.respace(steps)
             z = sample_ancestral(fn, sched, xT, parameterization=d.get("parameterization", "eps"),
-                                 learn_sigma=bool(d.get("learn_sigma", False)), generator=g)
+                                 learn_sigma=bool(d.get("learn_sigma", False)), generator=g,
+                                 cond_fn=guide, guidance_scale=classifier_scale)
         else:
             raise ValueError(f"unknown sampler '{sampler}' (expected ddim or ancestral)")
         if gen.decoder is not None:
