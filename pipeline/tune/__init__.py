@@ -304,6 +304,10 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
         state_file.write_text(json.dumps({"sweep_run_id": sweep_run_id, "tracking_uri": tracking.redact(uri)}))
         t0 = time.perf_counter()
         grid = tuner.fit()
+        if _interrupted(grid, sweep):
+            client.set_tag(sweep_run_id, "pipeline.sweep.interrupted", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            status = "KILLED"
+            raise KeyboardInterrupt(f"sweep {spec.name} interrupted; its state is in {exp_dir}")
         rows = _rows(client, sweep, sweep_run_id, exp.experiment_id, grid)
         best = _best(rows, spec.metric.mode)
         candidate = _register_best(client, sweep, sweep_run_id, best)
@@ -315,6 +319,20 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
         return result
     finally:
         client.set_terminated(sweep_run_id, status)
+
+
+def _expected_trials(sweep: Sweep) -> int:
+    search = sweep.spec.search
+    if search.algorithm != "grid":
+        return search.num_samples
+    return search.num_samples * math.prod(len(d.grid or []) for d in search.space.values())
+
+
+def _interrupted(grid, sweep: Sweep) -> bool:
+    """True when Tune returned before every trial ended (Ctrl-C, SIGTERM): resume instead of summarising."""
+    trials = grid._experiment_analysis.trials  # Trial objects, with their final status
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(trials) < _expected_trials(sweep)
 
 
 def _rows(client, sweep: Sweep, sweep_run_id: str, experiment_id: str, grid) -> list[TrialRow]:
