@@ -160,9 +160,12 @@ class Report:
                 return f"{v:.4g}"
             return str(v)
 
-        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|")  # a literal pipe inside a Markdown table cell
+
+        lines = ["| " + " | ".join(cell(c) for c in self.columns) + " |", "|" + "---|" * len(self.columns)]
         for row in self.rows:
-            lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in self.columns) + " |")
+            lines.append("| " + " | ".join(cell(fmt(row.get(c, ""))) for c in self.columns) + " |")
         return "\n".join(lines)
 
     def text(self) -> str:

@@ -2,15 +2,16 @@
 same shards, and the share of step time a real training stage spends waiting for its next batch.
 
 Both readers do the same work per sample: read the ustar shards, decode only our members with
-`pipeline.data.decode.decode_sample` (PNG -> float32 CHW in [-1, 1], label, caption) and collate
-batches of `--batch` torch tensors. (The pipeline has no augmentation step; none is added.)
+`pipeline.data.decode.decode_sample` (PNG -> float32 CHW in [-1, 1], label, caption), augment with
+`pipeline.data.augment.augment_batch` as `jobs/ldm.yaml` asks (`--shift 1`, `--hflip` off) and
+collate batches of `--batch` torch tensors.
 
-* Ray Data: `pipeline.data.ray_data.ray_dataset` (read_webdataset + decoding map_batches) through
-  `torch_batches`, `--epochs` copies of the train split joined with `union`, in in-process Ray
-  with `--ray-cpus` logical CPUs. Each timed pass includes the pipeline's start-up, as every
-  epoch of training does.
-* webdataset: `WebDataset(shards * epochs).map(decode).batched(collate)` in a `WebLoader` with
-  `--workers` worker processes.
+* Ray Data: `pipeline.data.ray_data.ray_dataset` (read_webdataset + decoding map_batches) and the
+  augmentation `map_batches` the stages add, through `torch_batches`; `--epochs` copies of the
+  train split joined with `union`, in in-process Ray with `--ray-cpus` logical CPUs. Each timed
+  pass includes the pipeline's start-up, as every epoch of training does.
+* webdataset: `WebDataset(shards * epochs).map(decode).batched(collate + augment)` in a
+  `WebLoader` with `--workers` worker processes.
 
 Besides samples/s (wall), each pass records the CPU seconds of the whole process tree (this
 process, the loader's workers, Ray's workers), so CPU per sample is compared too: on a machine
@@ -65,13 +66,23 @@ def init_ray(num_cpus: int) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def ray_pass(directory: Path, epochs: int, batch: int) -> int:
+def augmented(ds: Any, aug: dict[str, Any]) -> Any:
+    """The augmentation step the stages add to the pixel dataset (`pipeline.stages._pixel_dataset`)."""
+    from pipeline.data.augment import augment_batch
+
+    if not (aug.get("hflip") or aug.get("shift")):
+        return ds
+    return ds.map_batches(augment_batch, batch_format="numpy", fn_kwargs=aug)
+
+
+def ray_pass(directory: Path, epochs: int, batch: int, aug: dict[str, Any]) -> int:
     """One pass of the Ray Data stream; returns the number of samples delivered."""
     from pipeline.data.ray_data import ray_dataset, torch_batches
 
     ds = ray_dataset(directory, "train")
     if epochs > 1:
         ds = ds.union(*[ray_dataset(directory, "train") for _ in range(epochs - 1)])
+    ds = augmented(ds, aug)
     n = 0
     for b in torch_batches(ds, batch, drop_last=False):
         n += len(b["image"])
@@ -84,21 +95,26 @@ def _wds_decode(sample: dict[str, Any]) -> dict[str, Any]:
     return decode_sample(sample)
 
 
-def _wds_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def _wds_collate(samples: list[dict[str, Any]], aug: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
-    return {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
+    from pipeline.data.augment import augment_batch
+
+    images = augment_batch({"image": np.stack([s["image"] for s in samples])}, **(aug or {}))["image"]
+    return {"image": torch.from_numpy(np.ascontiguousarray(images)),
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
             "caption": [s.get("caption", "") for s in samples], "key": [s["key"] for s in samples]}
 
 
-def wds_pass(paths: list[str], epochs: int, batch: int, workers: int) -> int:
+def wds_pass(paths: list[str], epochs: int, batch: int, workers: int, aug: dict[str, Any]) -> int:
     """One pass of webdataset's WebLoader over the same shards; returns samples delivered."""
+    import functools
+
     import webdataset as wds
 
     urls = paths * epochs
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False, workersplitter=wds.split_by_worker)
-          .map(_wds_decode).batched(batch, collation_fn=_wds_collate, partial=True))
+          .map(_wds_decode).batched(batch, collation_fn=functools.partial(_wds_collate, aug=aug), partial=True))
     loader = wds.WebLoader(ds, batch_size=None, num_workers=min(workers, len(urls)))
     n = 0
     for b in loader:
@@ -106,7 +122,7 @@ def wds_pass(paths: list[str], epochs: int, batch: int, workers: int) -> int:
     return n
 
 
-def wait_share(directory: Path, steps: int, batch: int) -> dict[str, float]:
+def wait_share(directory: Path, steps: int, batch: int, aug: dict[str, Any]) -> dict[str, float]:
     """Run the autoencoder stage in-process fed by Ray Data; the loop's data-wait share of step time."""
     import torch
 
@@ -115,7 +131,7 @@ def wait_share(directory: Path, steps: int, batch: int) -> dict[str, float]:
     from pipeline.train.tasks import AutoencoderTask
 
     def batches(epoch: int):
-        ds = ray_dataset(directory, "train", shuffle_seed=epoch)
+        ds = augmented(ray_dataset(directory, "train", shuffle_seed=epoch), aug)
         for b in torch_batches(ds, batch, drop_last=True, local_shuffle_buffer_size=batch * 4):
             yield {"image": b["image"], "label": b["label"]}
 
@@ -143,6 +159,8 @@ def run(opts: Options) -> Report:
     p.add_argument("--epochs", type=int, default=4, help="passes over the train split per timed run")
     p.add_argument("--workers", type=int, default=2, help="WebLoader worker processes")
     p.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of in-process Ray")
+    p.add_argument("--shift", type=int, default=1, help="augmentation: random shift in pixels (the job's)")
+    p.add_argument("--hflip", action="store_true", help="augmentation: random horizontal flips")
     p.add_argument("--steps", type=int, default=80, help="training steps for the data-wait share")
     a = p.parse_args(opts.extra)
     repeats = opts.repeats or (1 if opts.quick else 5)
@@ -157,6 +175,7 @@ def run(opts: Options) -> Report:
     d = ensure_shards(a.image_size)
     paths = shard_paths(d, "train")
     init_ray(a.ray_cpus)
+    aug = {"shift": a.shift, "hflip": a.hflip}
     counts: dict[str, int] = {}
 
     def rate(name: str, fn) -> tuple[float, float]:
@@ -167,8 +186,8 @@ def run(opts: Options) -> Report:
         return counts[name] / wall, counts[name] / cpu
 
     rates = interleave({
-        "Ray Data read_webdataset -> torch batches": lambda: rate("ray", lambda: ray_pass(d, a.epochs, a.batch)),
-        "webdataset WebLoader": lambda: rate("wds", lambda: wds_pass(paths, a.epochs, a.batch, a.workers)),
+        "Ray Data read_webdataset -> torch batches": lambda: rate("ray", lambda: ray_pass(d, a.epochs, a.batch, aug)),
+        "webdataset WebLoader": lambda: rate("wds", lambda: wds_pass(paths, a.epochs, a.batch, a.workers, aug)),
     }, repeats, warmup=1)
     rows: list[dict[str, Any]] = []
     for name, rs in rates.items():
@@ -179,7 +198,7 @@ def run(opts: Options) -> Report:
     ray_rate, wds_rate = (median([r[0] for r in rs]) for rs in rates.values())
     ray_cpu, wds_cpu = (median([r[1] for r in rs]) for rs in rates.values())
     wait_dir = ensure_shards(16)
-    ws = wait_share(wait_dir, a.steps, a.batch)
+    ws = wait_share(wait_dir, a.steps, a.batch, aug)
     rows.append({"measurement": "autoencoder stage (16 px, batch 64) fed by Ray Data, in one process",
                  "samples/run": int(ws["steps"]) * a.batch, "samples/s (median)": a.batch / ws["median_step_s"],
                  "min": "", "max": "", "samples/CPU-s": "", "data-wait share": ws["share"], "runs": 1})
@@ -194,7 +213,7 @@ def run(opts: Options) -> Report:
                 "ray_data_cpu_per_sample_vs_webdataset": wds_cpu / ray_cpu, "data_wait_share": ws["share"]},
         goals={"data_wait_share": "< 0.05", "ray_data_vs_webdataset_rate": ">= 1.0"},
         notes=[f"{a.image_size}x{a.image_size} grey PNG digits, {len(paths)} train shards x {a.epochs} passes per run, "
-               f"batch {a.batch}; WebLoader {a.workers} workers; Ray {a.ray_cpus} logical CPUs",
+               f"batch {a.batch}, augmentation {aug}; WebLoader {a.workers} workers; Ray {a.ray_cpus} logical CPUs",
                "last row: the training stage's samples/s; data-wait share = sum of the loop's waits for the next "
                "batch / sum of step times, steps 2..N (step 1 is the pipeline's start-up); "
                f"mean wait at an epoch's first batch {ws['epoch_start_wait_s']:.2f} s (Ray Data restarts its "

@@ -2,7 +2,10 @@
 
 The job runs once, in a fresh temporary working directory (its own data, MLflow store and Ray
 temp dir, so it neither reuses cached stages nor joins another Ray instance on the machine),
-under `/usr/bin/time -v`. A sampler thread follows the whole process tree (driver, in-process
+under `/usr/bin/time -v`. By default the code is a `git archive` snapshot of HEAD put first on
+PYTHONPATH (driver and Ray workers alike): a long run in a shared working tree would otherwise
+mix the driver's modules, loaded at start, with newer ones the workers import later
+(`--worktree` runs the working tree as it is). A sampler thread follows the whole process tree (driver, in-process
 Ray's GCS/raylet, Ray Data and Ray Train workers) once a second: per-process peak RSS, the peak
 of the tree's summed RSS and PSS (PSS splits shared pages such as the object store fairly), and
 the load average.
@@ -10,6 +13,7 @@ the load average.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -107,10 +111,22 @@ def run(opts: Options) -> Report:
         raise SystemExit("e2e needs GNU time (/usr/bin/time): apt-get install time")
     exe = Path(sys.executable).with_name("pipeline")
     base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "pipeline"]
+    extra = [a for a in opts.extra if a != "--worktree"]
     sets = [a for s in (QUICK_SETS if opts.quick else []) for a in ("--set", s)]
-    cmd = [time_bin, "-v", *base, "run", str(JOB), *sets, *opts.extra]
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    env = {**__import__("os").environ, "RAY_TMPDIR": str(work / "ray"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_TMPDIR": str(work / "ray"), "PYTHONUNBUFFERED": "1"}
+    job, commit = JOB, "worktree"
+    if "--worktree" not in opts.extra:
+        src = work / "src"
+        src.mkdir()
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+        base = [sys.executable, "-m", "pipeline"]
+        job = src / "jobs" / "ldm.yaml"
+    cmd = [time_bin, "-v", *base, "run", str(job), *sets, *extra]
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     (work / "ray").mkdir()
@@ -160,7 +176,7 @@ def run(opts: Options) -> Report:
         notes.append(f"the job FAILED with exit status {rc}; see the log")
     return Report(name="e2e", command="python -m pipeline.bench e2e" + (" --quick" if opts.quick else ""),
                   columns=["quantity", "value"], rows=rows, ratios=ratios, goals={"e2e_wall_min": "< 10"},
-                  notes=notes, params={"cmd": cmd, "samples": sampler.samples},
+                  notes=notes, params={"cmd": cmd, "samples": sampler.samples, "commit": commit},
                   load_before=load0, load_after=load1)
 
 
