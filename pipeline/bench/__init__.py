@@ -70,7 +70,22 @@ def machine() -> dict[str, Any]:
         pass
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gb,
             "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **code_version()}
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured and the files under pipeline/ that differed from it (a shared working tree)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "pipeline", "jobs"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "uncommitted": []}
+    return {"commit": commit or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
 
 
 def median(xs: list[float]) -> float:
