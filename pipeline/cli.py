@@ -148,6 +148,8 @@ def _classifier_guidance(args: argparse.Namespace, gen):
         if args.classifier_scale:
             raise SystemExit("error: --classifier-scale needs --classifier models:/NAME@ALIAS")
         return None
+    if args.classifier_scale is None:
+        args.classifier_scale = 1.0
     from pipeline import tracking
     from pipeline.eval.guidance import GuidanceError, check_classifier, classifier_cond_fn
     from pipeline.train.export import load_exported
@@ -368,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier", default=None, metavar="MODEL_URI",
                    help="noisy classifier for classifier guidance (trained on the model's own input space: "
                         "pixels, or the same scaled latents for a latent model)")
-    s.add_argument("--classifier-scale", type=float, default=0.0,
-                   help="classifier guidance scale s (Algorithm 1 / eq. 38); 0 = off")
+    s.add_argument("--classifier-scale", type=float, default=None,
+                   help="classifier guidance scale s (Algorithm 1 / eq. 38); default 1 with --classifier")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="FID/KID and class accuracy of a generator (`eval [fid] MODEL`; "
