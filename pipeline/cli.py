@@ -203,9 +203,12 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_swissroll(args: argparse.Namespace) -> int:
+    import torch
+
     from pipeline import tracking
     from pipeline.toy import SwissRollConfig, run_swissroll
 
+    torch.set_num_threads(args.threads)  # a 2-D MLP: extra intra-op threads only add contention
     cfg = SwissRollConfig(schedule=args.schedule, timesteps=args.timesteps, parameterization=args.parameterization,
                           loss=args.loss, lambda_vlb=args.lambda_vlb, learn_sigma=args.learn_sigma,
                           var_type=args.var_type, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -424,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seed", type=int, default=0)
     sr.add_argument("--tracking-uri", default=None)
     sr.add_argument("--experiment", default="toy-swissroll")
+    sr.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny ops)")
     sr.set_defaults(fn=cmd_toy_swissroll)
 
     bn = sub.add_parser("bench", help="benchmarks: bench NAME [--json OUT] [--repeats N] [--quick] (BENCHMARKS.md)",
