@@ -45,6 +45,7 @@ class TreeSampler(threading.Thread):
         self.peak_tree_pss = 0
         self.load1: list[float] = []
         self.samples = 0
+        self.driver_pid: int | None = None  # the job's own process: the child of /usr/bin/time
 
     def run(self) -> None:
         import psutil
@@ -56,6 +57,9 @@ class TreeSampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
+                if self.driver_pid is None:
+                    direct = root.children()
+                    self.driver_pid = direct[0].pid if direct else None
             except psutil.NoSuchProcess:
                 break
             rss_sum = pss_sum = 0
@@ -149,8 +153,7 @@ def run(opts: Options) -> Report:
     shutil.copy(log_path, kept_log)
     shutil.rmtree(work, ignore_errors=True)
 
-    driver = max(((n, r) for pid, (n, r) in sampler.peak_rss.items() if "pipeline" in n and " run " in f"{n} "),
-                 key=lambda x: x[1], default=("", 0))
+    driver = sampler.peak_rss.get(sampler.driver_pid or -1, ("", 0))
     sum_of_peaks = sum(r for _, r in sampler.peak_rss.values())
     top = sorted(sampler.peak_rss.values(), key=lambda x: -x[1])[:6]
     gib = 2.0**30
