@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -105,6 +105,13 @@ class Schedule:
             ("posterior_mean_coef2", coef2),
         ]:
             object.__setattr__(self, name, value)
+
+    def to(self, device: torch.device | str) -> Schedule:
+        """The same schedule with its (float64) tables on ``device``: no host→device copy per call."""
+        moved = object.__new__(Schedule)
+        for f in fields(self):
+            object.__setattr__(moved, f.name, getattr(self, f.name).to(device))
+        return moved
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

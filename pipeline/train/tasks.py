@@ -69,6 +69,7 @@ class ClassifierTask:
     def loss(self, model, batch, gen):
         x, y = batch["image"], batch["label"]
         if self.noisy:
+            self.schedule = on_device(self.schedule, x.device)
             t = torch.randint(0, self.schedule.num_timesteps, (len(x),), device=x.device, generator=gen)
             x = self.schedule.q_sample(x, t, torch.randn(x.shape, device=x.device, generator=gen))
         else:
@@ -83,6 +84,11 @@ class ClassifierTask:
 
     def export_extra(self):
         return {"kind": "classifier", "noisy": self.noisy}
+
+
+def on_device(schedule: Schedule, device: torch.device) -> Schedule:
+    """The schedule with its tables on the batch's device (moved once, not on every lookup)."""
+    return schedule if schedule.betas.device == device else schedule.to(device)
 
 
 def extra_guidance(meta: dict[str, Any]) -> float:
@@ -110,6 +116,7 @@ class DiffusionTask:
 
     def loss(self, model, batch, gen):
         x0, y = batch["image"], batch["label"]
+        self.schedule = on_device(self.schedule, x0.device)
         drop = torch.rand(len(y), device=y.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
         y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
@@ -166,7 +173,7 @@ class DistillTask:
 
     def loss(self, model, batch, gen):
         x0, y = batch["image"], batch["label"]
-        s = self.teacher_sched
+        s = self.teacher_sched = on_device(self.teacher_sched, x0.device)
         n = len(x0)
         # student step i ∈ [1, student_steps] goes from teacher index 2i−1 to 2i−3 (−1 = data)
         i = torch.randint(1, self.student_steps + 1, (n,), device=x0.device, generator=gen)

@@ -155,3 +155,14 @@ def test_linear_schedule_rejects_too_few_steps():
         Schedule.make("linear", 20)  # β_T would be 1
     with pytest.raises(ValueError):
         Schedule.make("quadratic", 100)
+
+
+def test_to_device_keeps_every_table_and_result():
+    s = Schedule.make("cosine", 50).respace(10)
+    moved = s.to("cpu")
+    for f in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+              "posterior_mean_coef1", "posterior_mean_coef2", "timestep_map"):
+        assert torch.equal(getattr(moved, f), getattr(s, f))
+        assert getattr(moved, f).dtype == getattr(s, f).dtype
+    x0, noise, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 3, 5, 9])
+    assert torch.equal(moved.q_sample(x0, t, noise), s.q_sample(x0, t, noise))
