@@ -190,7 +190,7 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     engine = make_engine(model, lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                          warmup_steps=train.get("warmup_steps", 0), micro_batch=micro,
                          zero_stage=scale.get("zero_stage", 1), grad_clip=train.get("grad_clip", 1.0),
-                         device=device)
+                         device=device, precision=precision)
     with gathered_params(engine):
         ema = EMA(engine.module, train.get("ema_decay", 0.999))
 
