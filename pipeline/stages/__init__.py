@@ -128,6 +128,17 @@ def preflight(spec: JobSpec) -> None:
                 "with GPU nodes")
 
 
+def _has_autoscaler() -> bool:
+    """True when an autoscaler monitors this cluster (it writes its status into the GCS)."""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return bool(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
+    except Exception:  # noqa: BLE001 - private API; assume a fixed-size cluster
+        return False
+
+
 def check_resources(spec: JobSpec) -> None:
     """Every trained stage fits the cluster (or what its autoscaler may add); otherwise Ray Train waits forever."""
     import ray
@@ -140,6 +151,9 @@ def check_resources(spec: JobSpec) -> None:
     except Exception:  # noqa: BLE001 - private API; fall back to what the cluster has now
         most = None
     where = "the autoscaler's cluster config allows" if most else "the Ray cluster has"
+    clustered = bool(spec.ray.address or os.environ.get("RAY_ADDRESS"))
+    if most is None and clustered and _has_autoscaler():  # an autoscaler that does not publish its limits
+        return
     for name, scale in _scales(spec):
         need = {"CPU": scale.workers * scale.cpus_per_worker, "GPU": scale.workers * scale.gpus_per_worker}
         for res, amount in need.items():
@@ -173,6 +187,23 @@ def init_ray(spec: JobSpec) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    if address:
+        _pin_ray_data_stats_actor()
+
+
+def _pin_ray_data_stats_actor() -> None:
+    """Create Ray Data's detached stats actor here, on the driver's node.
+
+    Ray Data creates it on the node of whoever first runs a dataset; from a training worker on an
+    autoscaled node that pins the node for ever (the autoscaler never removes a node with a live
+    actor), so idle workers would not scale down.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+    except Exception as exc:  # noqa: BLE001 - private API; only scale-down suffers without it
+        log.debug("could not pre-create Ray Data's stats actor: %s", exc)
 
 
 def _stage_key(ctx: JobContext, name: str, inputs: dict[str, str]) -> str:

@@ -88,8 +88,12 @@ def _metric_logger(tracking_uri: str | None, run_id: str | None):
 def _tensors(b: dict[str, Any]) -> dict[str, torch.Tensor]:
     import numpy as np
 
-    return {"image": torch.from_numpy(np.ascontiguousarray(b["image"], dtype=np.float32)),  # (B, C, H, W)
-            "label": torch.from_numpy(np.ascontiguousarray(b["label"], dtype=np.int64))}  # (B,)
+    def owned(a: Any, dtype: type) -> np.ndarray:  # Ray hands out read-only views
+        a = np.ascontiguousarray(a, dtype=dtype)
+        return a if a.flags.writeable else a.copy()
+
+    return {"image": torch.from_numpy(owned(b["image"], np.float32)),  # (B, C, H, W)
+            "label": torch.from_numpy(owned(b["label"], np.int64))}  # (B,)
 
 
 def _reraise_data_error(exc: BaseException) -> None:
