@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datatest_helpers import MakesDir, make_samples, write_raw_tar
+from tests.data.datatest_helpers import MakesDir, make_samples, write_raw_tar
 
 from pipeline.data import DataError, iterate_batches, load_split, read_manifest, write_shards
 from pipeline.data.decode import decode_sample

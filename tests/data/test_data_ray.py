@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datatest_helpers import MakesDir, refresh_manifest, write_raw_tar
+from tests.data.datatest_helpers import MakesDir, refresh_manifest, write_raw_tar
 
 from pipeline.data import DataError, iterate_batches, read_manifest
 from pipeline.data.local import iter_tar_samples

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datatest_helpers import make_samples
+from tests.data.datatest_helpers import make_samples
 from PIL import Image
 
 from pipeline.data import (
@@ -182,8 +182,8 @@ def test_crash_mid_write_leaves_no_partial_shard(tmp_path: Path) -> None:
 def test_hard_kill_mid_write_leaves_no_partial_shard(tmp_path: Path) -> None:
     code = f"""
 import os, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from datatest_helpers import make_samples
+sys.path.insert(0, {str(REPO)!r})
+from tests.data.datatest_helpers import make_samples
 from pipeline.data import write_shards
 def samples():
     for i, s in enumerate(make_samples(30)):
