@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.data.datatest_helpers import MakesDir, make_samples, write_raw_tar
 
 from pipeline.data import DataError, iterate_batches, load_split, read_manifest, write_shards
 from pipeline.data.decode import decode_sample
 from pipeline.data.local import ReadStats, iter_samples, iter_tar_samples
 from pipeline.data.shards import encode_png
+from tests.data.datatest_helpers import MakesDir, make_samples, write_raw_tar
 
 
 def _evil_payloads(marker: Path) -> dict[str, bytes]:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.data.datatest_helpers import MakesDir, refresh_manifest, write_raw_tar
 
 from pipeline.data import DataError, iterate_batches, read_manifest
 from pipeline.data.local import iter_tar_samples
+from tests.data.datatest_helpers import MakesDir, refresh_manifest, write_raw_tar
 
 ray = pytest.importorskip("ray")
 

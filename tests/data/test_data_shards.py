@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.data.datatest_helpers import make_samples
 from PIL import Image
 
 from pipeline.data import (
@@ -28,6 +27,7 @@ from pipeline.data import (
 from pipeline.data.decode import decode_sample
 from pipeline.data.local import iter_tar_samples
 from pipeline.data.shards import encode_png
+from tests.data.datatest_helpers import make_samples
 
 REPO = Path(__file__).resolve().parents[2]
 
