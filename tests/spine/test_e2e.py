@@ -16,7 +16,7 @@ TINY = [
     "stages.autoencoder.train.steps=40", "stages.autoencoder.train.checkpoint_every=20",
     "stages.autoencoder.register.gate.max=1.0",
     "stages.classifier.train.steps=40", "stages.classifier.register.gate.min=0.0",
-    "stages.diffusion.train.steps=30", "stages.diffusion.train.checkpoint_every=30",
+    "stages.diffusion.train.steps=30", "stages.diffusion.train.checkpoint_every=30", "stages.diffusion.train.log_every=10",
     "stages.diffusion.sampling.steps=4", "stages.diffusion.register.gate.min=0.0",
     "stages.distill.teacher_steps=4", "stages.distill.halvings=1", "stages.distill.train.steps=10",
     "stages.distill.register.gate.min=0.0",
