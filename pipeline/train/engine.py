@@ -121,6 +121,7 @@ def gathered_params(engine):
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
 
+
 # ----------------------------------------------------------------------------- topology-free training state
 
 
