@@ -182,7 +182,7 @@ def init_ray(spec: JobSpec) -> None:
         check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
     else:  # in-process: no dashboard / job API at all
-        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
     from ray.data import DataContext
 
