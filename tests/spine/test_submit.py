@@ -92,4 +92,4 @@ def test_job_submitted_with_ray_cli_and_with_pipeline_submit(ray_head, tmp_path)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
-    assert client.get_model_version_by_alias("smoke-classifier", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("smoke-classifier", "champion").version) == "1"
