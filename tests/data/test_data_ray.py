@@ -31,7 +31,7 @@ def ray_local() -> Iterator[None]:
     """
     saved = {k: os.environ.get(k) for k in _ENV}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
