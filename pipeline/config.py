@@ -378,18 +378,23 @@ def _check_files(spec: JobSpec, source: str) -> None:
         )
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read, override and validate a job file. Raises SpecError with a complete message."""
+def read_yaml(path: str | Path, what: str = "job file") -> Any:
+    """Safely load a YAML file; a missing file or a syntax error is a SpecError with line and column."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: job file not found")
+        raise SpecError(f"{path}: {what} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job file. Raises SpecError with a complete message."""
+    raw = read_yaml(path)
     raw = apply_overrides(raw if raw is not None else {}, overrides or [], str(path))
     return parse_spec(raw, str(path))
 

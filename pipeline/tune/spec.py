@@ -29,10 +29,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import JobSpec, SpecError, apply_overrides, parse_spec
+from pipeline.config import JobSpec, SpecError, apply_overrides, parse_spec, read_yaml
 
 _DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -194,12 +193,7 @@ def prerequisites(sweep: Sweep) -> list[str]:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and validate a sweep file and its base job. Raises SpecError with a complete message."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: malformed YAML: {exc}") from None
+    raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [], str(path))
@@ -217,10 +211,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         job_path = Path(spec.job)
     if not job_path.is_file():
         raise SpecError(f"{path}: job: job file '{spec.job}' not found (relative to {path.parent} or the cwd)")
-    try:
-        job_raw = yaml.safe_load(job_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{job_path}: malformed YAML: {exc}") from None
+    job_raw = read_yaml(job_path) or {}
     base_raw = apply_overrides(copy.deepcopy(job_raw), spec.set, f"{path}: set")
     base = parse_spec(base_raw, f"{job_path} (with the `set:` of {path})")
     if spec.stage not in base.stages:
