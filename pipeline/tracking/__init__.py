@@ -121,18 +121,10 @@ def download(ref: ModelRef, dst: str | None = None) -> str:
 
 def register(name: str, run_id: str, local_dir: str | Path, tags: dict[str, str]) -> ModelRef:
     """Log `local_dir` as the run's model artifact and register it as a new version."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    client.log_artifacts(run_id, str(local_dir), MODEL_ARTIFACT)
-    try:
-        client.create_registered_model(name)
-    except MlflowException:
-        pass  # already exists
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id,
-                                     tags={k: str(v) for k, v in tags.items()})
-    return ModelRef(name, str(mv.version), mv.source, run_id, dict(mv.tags))
+    MlflowClient().log_artifacts(run_id, str(local_dir), MODEL_ARTIFACT)
+    return register_logged(name, run_id, tags)
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
