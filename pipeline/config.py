@@ -132,13 +132,21 @@ class _TrainedStage(_StageBase):
 
 
 class AutoencoderStage(_TrainedStage):
-    """KL-regularised autoencoder (the first stage of latent diffusion)."""
+    """An autoencoder-family model; `objective.type` picks the objective (default `kl_vae`, the LDM first stage)."""
 
     kind: Literal["autoencoder"]
     model: ModelSpec
     objective: dict[str, Any] = Field(default_factory=lambda: {"beta": 1e-4})
     scale: ScaleSpec = Field(default_factory=ScaleSpec)
     train: TrainSpec
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.objectives import get_objective
+
+        get_objective(str(v.get("type", "kl_vae")))  # ValueError naming the known types
+        return v
 
 
 class ClassifierStage(_TrainedStage):

@@ -280,23 +280,19 @@ def _log_metrics(run_id: str, metrics: dict[str, float]) -> None:
 
 
 def run_autoencoder(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
-    """Train the KL-VAE; evaluate reconstruction on held-out images."""
-    from pipeline.eval import image_grid
+    """Train an autoencoder-family model; evaluate it on held-out data with its objective's evaluator."""
+    from pipeline.objectives import get_objective
     from pipeline.train.export import load_exported
 
+    stage = ctx.spec.stages[name]
+    cfg = dict(stage.objective)
+    objective = get_objective(cfg.get("type", "kl_vae"))  # an unknown type fails before training
     export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), {})
     model, _ = load_exported(export)
-    test = load_split(ctx.data_dir, "test")
-    x = torch.from_numpy(test["image"])
-    with torch.no_grad():
-        mean, _ = model.encode(x)
-        recon = model.decode(mean)
-    mse = float(((recon - x) ** 2).mean())
-    baseline = float(((x - x.mean(0, keepdim=True)) ** 2).mean())
-    psnr = float(10 * np.log10(4.0 / max(mse, 1e-12)))  # data range [-1, 1] → peak-to-peak 2
-    metrics = {"eval/recon_mse": mse, "eval/mean_image_mse": baseline, "eval/psnr": psnr}
-    grid = torch.stack([x[:16], recon[:16]], 1).flatten(0, 1)
-    _log_png(run_id, image_grid(grid, nrow=8, scale=4), "samples/reconstructions.png")
+    model.eval()
+    metrics, images = objective.evaluate(model, ctx.data_dir, cfg, ctx.spec.seed)
+    for path, png in images.items():
+        _log_png(run_id, png, path)
     return export, metrics
 
 

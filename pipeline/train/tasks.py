@@ -16,7 +16,6 @@ from torch import nn
 from pipeline.diffusion import Schedule, classifier_free, diffusion_loss
 from pipeline.diffusion.distill import progressive_distillation_target
 from pipeline.models import build_model
-from pipeline.objectives.autoencoder import vae_loss
 
 
 class Task(Protocol):
@@ -33,26 +32,29 @@ class Task(Protocol):
 
 
 class AutoencoderTask:
-    """KL-VAE: negative ELBO with a small KL weight (eq. 6–7, β-VAE form eq. 10)."""
+    """An autoencoder-family model trained by the objective named in `objective.type`.
+
+    The objectives live in :mod:`pipeline.objectives` (default `kl_vae`: the LDM first stage).
+    """
 
     def __init__(self, stage: dict[str, Any]):
+        from pipeline.objectives import get_objective
+
         self.model_spec = stage["model"]
-        self.beta = float(stage.get("objective", {}).get("beta", 1e-4))
+        self.cfg = dict(stage.get("objective") or {})
+        self.objective = get_objective(self.cfg.get("type", "kl_vae"))
 
     def build_model(self) -> nn.Module:
         return build_model(self.model_spec["name"], **self.model_spec["args"])
 
     def loss(self, model, batch, gen):
-        x = batch["image"]
-        x_hat, mean, logvar = model(x)
-        out = vae_loss(x_hat, x, mean, logvar, beta=self.beta)
-        return out["loss"], {"recon": out["recon"].mean(), "kl": out["kl"].mean()}
+        return self.objective.loss(model, batch, gen, self.cfg)
 
     def model_recipe(self):
         return self.model_spec["name"], self.model_spec["args"]
 
     def export_extra(self):
-        return {"kind": "autoencoder"}
+        return {"kind": "autoencoder", "objective": self.cfg}
 
 
 class ClassifierTask:
