@@ -315,8 +315,11 @@ class Contender:
                 counter["step"] += 1
 
             self.objects = [model, opt, ema]
-        else:  # "ds0", "ds1", "ds2", optionally suffixed "-noautocast" (the config before the fix)
-            stage = int(self.engine[2])
+        else:  # "ds0", "ds1", "ds2", optionally suffixed "-noautocast" (the config before the fix);
+            # "dsdefault": what the training loop uses for the spec's default zero_stage=1 on one worker
+            from pipeline.train.engine import effective_zero_stage
+
+            stage = effective_zero_stage(1, 1, device) if self.engine == "dsdefault" else int(self.engine[2])
             engine_precision = "fp32" if self.engine.endswith("-noautocast") else precision
             engine = make_engine(model, lr=1e-4, weight_decay=0.0, warmup_steps=0, micro_batch=size.batch,
                                  zero_stage=stage, grad_clip=1.0, device=device, precision=engine_precision)
@@ -501,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.4, help="timed seconds per configuration (default 2.4)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the median is reported")
     p.add_argument("--sizes", default="XL,B", help="comma-separated: XL, B (default XL,B)")
-    p.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations")
+    p.add_argument("--only", default="", help="comma-separated substrings (or =LABEL for an exact label such as "
+                   "'=DiT-XL/2 ours'): run only matching configurations")
     p.add_argument("--no-profile", action="store_true", help="skip the per-kernel-category profiles")
     p.add_argument("--no-micro", action="store_true", help="skip the attention / optimizer microbenchmarks")
     return p
@@ -542,6 +546,10 @@ def plan(sizes: list[Size], quick: bool) -> list[tuple[Size, str, str, str, bool
     add(b, "ours+compile", "ours", "plain", True, 17)
     add(b, "diffusers+compile", "diffusers", "plain", True, 20)
     add(xl, "ours+compile+deepspeed-z1", "ours", "ds1", True, 12)
+    add(xl, "ours+deepspeed (pipeline default, one worker)", "ours", "dsdefault", False, 15)
+    add(xl, "ours+compile+deepspeed (pipeline default, one worker)", "ours", "dsdefault", True, 12)
+    add(b, "ours+deepspeed (pipeline default, one worker)", "ours", "dsdefault", False, 7)
+    add(b, "ours+compile+deepspeed (pipeline default, one worker)", "ours", "dsdefault", True, 10)
     return items
 
 
@@ -591,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     profiled: set[str] = set()
     for size, name, kind, engine, compiled, est in plan(sizes, args.quick):
         label = f"{size.ours} {name}"
-        if only and not any(o in label for o in only):
+        if only and not any(label == o[1:] if o.startswith("=") else o in label for o in only):
             continue
         row: dict[str, Any] = {"model": size.ours, "batch": size.batch, "config": name, "precision":
                                "fp32 weights + bf16 autocast"}

@@ -60,6 +60,19 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
+def effective_zero_stage(zero_stage: int, world_size: int, device: torch.device) -> int:
+    """The ZeRO stage a worker actually uses: 0 for stages 1–2 on a single GPU worker.
+
+    ZeRO-1/2 partition optimizer state and gradients across workers; with one worker they partition
+    nothing, but DeepSpeed still copies every gradient and weight through its flat fp32 partition each
+    step and adds host-device syncs: 5–7% slower than the plain loop on an H100, where ZeRO-0 is 3%
+    (docs/gpu-bench.md). On CPU the spec's stage is kept (the sharded code paths stay exercised there).
+    """
+    if world_size == 1 and device.type == "cuda" and zero_stage in (1, 2):
+        return 0
+    return zero_stage
+
+
 def deepspeed_config(*, micro_batch: int, zero_stage: int, grad_clip: float,
                      precision: str = "fp32") -> dict[str, Any]:
     """DeepSpeed config: ZeRO stage from the spec; precision is handled by torch autocast.

@@ -29,6 +29,7 @@ from pipeline.train.ema import EMA
 from pipeline.train.engine import (
     autocast,
     device_for,
+    effective_zero_stage,
     full_state,
     gathered_params,
     load_module_state,
@@ -189,7 +190,8 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     micro = max(1, train["batch_size"] // ctx.world_size)
     engine = make_engine(model, lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                          warmup_steps=train.get("warmup_steps", 0), micro_batch=micro,
-                         zero_stage=scale.get("zero_stage", 1), grad_clip=train.get("grad_clip", 1.0),
+                         zero_stage=effective_zero_stage(scale.get("zero_stage", 1), ctx.world_size, device),
+                         grad_clip=train.get("grad_clip", 1.0),
                          device=device, precision=precision)
     with gathered_params(engine):
         ema = EMA(engine.module, train.get("ema_decay", 0.999))
