@@ -283,7 +283,7 @@ class Contender:
     def setup(self, task: Any) -> nn.Module:
         """Build the model and its optimizer (or engine); returns the eager module (for FLOP counting)."""
         from pipeline.train.ema import EMA
-        from pipeline.train.engine import autocast, gathered_params, make_engine
+        from pipeline.train.engine import autocast, engine_step, gathered_params, make_engine
 
         device, size, precision = self.device, self.size, self.precision
         model = build(self.model_kind, size, device)
@@ -330,7 +330,7 @@ class Contender:
                 with autocast(precision, device):
                     loss, _ = task.loss(engine, batch, gen)
                 engine.backward(loss)
-                engine.step()
+                engine_step(engine, 1.0)
                 with gathered_params(engine):
                     ema.update(engine.module, counter["step"])
                 counter["step"] += 1

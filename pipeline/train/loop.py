@@ -30,6 +30,7 @@ from pipeline.train.engine import (
     autocast,
     device_for,
     effective_zero_stage,
+    engine_step,
     full_state,
     gathered_params,
     load_module_state,
@@ -188,10 +189,11 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
         resume_tensors = load_file(str(Path(ctx.resume_dir) / TRAIN_STATE))
         load_module_state(model, resume_tensors)
     micro = max(1, train["batch_size"] // ctx.world_size)
+    grad_clip = float(train.get("grad_clip", 1.0))
     engine = make_engine(model, lr=train["lr"], weight_decay=train.get("weight_decay", 0.0),
                          warmup_steps=train.get("warmup_steps", 0), micro_batch=micro,
                          zero_stage=effective_zero_stage(scale.get("zero_stage", 1), ctx.world_size, device),
-                         grad_clip=train.get("grad_clip", 1.0),
+                         grad_clip=grad_clip,
                          device=device, precision=precision)
     with gathered_params(engine):
         ema = EMA(engine.module, train.get("ema_decay", 0.999))
@@ -250,7 +252,7 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
             continue
         nonfinite_in_a_row = 0
         engine.backward(loss)
-        engine.step()
+        engine_step(engine, grad_clip)
         with gathered_params(engine):
             ema.update(engine.module, step)
         step += 1

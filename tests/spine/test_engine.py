@@ -1,0 +1,56 @@
+"""DeepSpeed engine helpers: ZeRO-0 clipping done by `engine_step`, and the single-GPU ZeRO rule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pipeline.train.engine import effective_zero_stage, engine_step, make_engine
+
+
+def _reference(model: nn.Module, batches, lr: float, clip: float | None) -> nn.Module:
+    """Plain AdamW steps, gradients scaled by min(1, clip / (‖g‖ + 1e-6)) when `clip` is given."""
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0)
+    for x, y in batches:
+        ((ref(x) - y) ** 2).mean().backward()
+        grads = [p.grad for p in ref.parameters()]
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+        if clip is not None:
+            assert norm > 2 * clip  # clipping is active on every step
+            for g in grads:
+                g.mul_(min(1.0, clip / (norm + 1e-6)))
+        opt.step()
+        opt.zero_grad()
+    return ref
+
+
+def test_zero0_engine_step_clips_like_hand_clipped_adamw_steps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    # Adam is nearly invariant to one gradient scale, not to per-step scales: three steps with
+    # differently scaled batches, so each step's clip coefficient differs
+    batches = [(torch.randn(8, 6) * s, torch.randn(8, 3) * s) for s in (1.0, 4.0, 0.5)]
+    clip, lr = 0.05, 0.1
+    clipped, unclipped = _reference(model, batches, lr, clip), _reference(model, batches, lr, None)
+
+    engine = make_engine(model, lr=lr, weight_decay=0.0, warmup_steps=0, micro_batch=8, zero_stage=0,
+                         grad_clip=clip, device=torch.device("cpu"), precision="fp32")
+    assert engine.gradient_clipping() == 0.0  # DeepSpeed's own stage-0 clip is off: engine_step clips
+    for x, y in batches:
+        engine.backward(((engine(x) - y) ** 2).mean())
+        engine_step(engine, clip)
+
+    for a, b in zip(engine.module.parameters(), clipped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float((a - c).abs().max()) for a, c in
+               zip(engine.module.parameters(), unclipped.parameters(), strict=True)) > 1e-3
+
+
+def test_one_gpu_worker_uses_zero0_for_stages_1_2_only() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [effective_zero_stage(s, 1, cuda) for s in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert [effective_zero_stage(s, 2, cuda) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    assert [effective_zero_stage(s, 1, cpu) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
