@@ -175,7 +175,9 @@ def load_split(directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fa
     """A whole split in memory, in shard order, for evaluation.
 
     Returns ``{"image": (N, C, H, W) float32 ndarray, "label": (N,) int64, "caption": list[str],
-    "key": list[str], "skipped": int}``.
+    "key": list[str], "skipped": int, "extra": list[dict]}`` (``extra``: each sample's json member, ``{}``
+    without one), plus ``"factors": (N, F) int64`` when every sample's json holds a ``factors`` list
+    (the generative factors of e.g. the ``sprites`` source).
     """
     stats = ReadStats()
     shape = expected_chw(read_manifest(directory))
@@ -183,10 +185,14 @@ def load_split(directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fa
     samples = list(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=shape))
     if not samples:
         raise DataError(f"split {split!r} of {directory} has no samples")
-    return {
+    out = {
         "image": np.stack([s["image"] for s in samples]),
         "label": np.array([s["label"] for s in samples], dtype=np.int64),
         "caption": [s.get("caption", "") for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": stats.skipped,
+        "extra": [s.get("extra", {}) for s in samples],
     }
+    if all("factors" in e for e in out["extra"]):
+        out["factors"] = np.array([e["factors"] for e in out["extra"]], dtype=np.int64)
+    return out

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.data.errors import DataError
 
-SOURCES = ("digits", "photos", "imagefolder:PATH")
+SOURCES = ("digits", "photos", "sprites", "moving-digits", "imagefolder:PATH")
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DIGIT_CAPTIONS = (
@@ -54,10 +54,16 @@ class Sample(TypedDict):
 
 
 def iter_source(source: str, *, image_size: int | None = None, seed: int = 0) -> Iterator[Sample]:
-    """Yield the samples of ``source`` ("digits", "photos" or "imagefolder:PATH")."""
+    """Yield the samples of ``source`` ("digits", "photos", "sprites", "moving-digits" or "imagefolder:PATH")."""
     name, _, arg = source.partition(":")
     if name == "digits" and not arg:
         return _iter_digits(image_size or 16, seed)
+    if name in ("sprites", "moving-digits") and not arg:  # pipeline/data/procedural.py
+        from pipeline.data import procedural
+
+        if name == "sprites":
+            return procedural.iter_sprites(image_size or 32, seed)
+        return procedural.iter_moving_digits(image_size or 16, seed)
     if name == "photos" and not arg:
         return _iter_photos(image_size or 32, seed)
     if name == "imagefolder" and arg:
@@ -68,8 +74,12 @@ def iter_source(source: str, *, image_size: int | None = None, seed: int = 0) ->
 def source_classes(source: str) -> list[str]:
     """Class names of ``source``, index = label."""
     name, _, arg = source.partition(":")
-    if name == "digits" and not arg:
+    if name in ("digits", "moving-digits") and not arg:
         return list(DIGIT_WORDS)
+    if name == "sprites" and not arg:
+        from pipeline.data.procedural import SPRITE_SHAPES
+
+        return list(SPRITE_SHAPES)
     if name == "photos" and not arg:
         return list(PHOTO_NAMES)
     if name == "imagefolder" and arg:

@@ -90,7 +90,7 @@ def test_imagefolder_wrong_mode_and_resize(tmp_path: Path) -> None:
 
 
 def test_unknown_and_missing_sources(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"valid sources: digits, photos, imagefolder:PATH"):
+    with pytest.raises(DataError, match=r"valid sources: digits, photos, sprites, moving-digits, imagefolder:PATH"):
         iter_source("mnist")
     with pytest.raises(DataError, match="does not exist"):
         list(iter_source(f"imagefolder:{tmp_path / 'nope'}"))
