@@ -1,0 +1,150 @@
+"""The consistency-model training task (Song et al. 2023; notes eq. 44-46): distillation or training.
+
+``mode: distill`` (CD, eq. 45): the student starts as a copy of the registered teacher; for x_{t_{n+1}} from
+q(x_t | x₀) (eq. 17) the teacher takes one DDIM step to t_n and the target is f_{θ⁻}(x̂^φ_{t_n}, t_n).
+``mode: train`` (CT, eq. 46): no teacher; x_{t_{n+1}} and x_{t_n} share the same noise z. In both, the
+loss is d = mean squared error with λ(t_n) = 1, and θ⁻ is the task's own EMA of θ (``target_ema`` = μ),
+distinct from the loop's export EMA (``train.ema_decay``): θ⁻ ← μθ⁻ + (1−μ)θ once per optimiser step,
+applied at the start of the next step's loss. A resumed run restarts θ⁻ from the resumed θ.
+See :mod:`pipeline.diffusion.consistency` for the VP ↔ σ mapping.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.diffusion import classifier_free
+from pipeline.diffusion.consistency import (
+    adjacent_levels,
+    cd_teacher_step,
+    consistency_levels,
+    consistency_output,
+    ct_pair,
+    ema_update_,
+    vp_sigmas,
+)
+from pipeline.models import build_model
+from pipeline.train.tasks import make_schedule, on_device
+
+
+def _module(model: Any) -> nn.Module:
+    return getattr(model, "module", model)  # a DeepSpeed engine or a plain module
+
+
+class ConsistencyTask:
+    """One consistency-model stage: CD from ``teacher`` (with its export ``teacher_meta``) or CT from scratch."""
+
+    def __init__(self, stage: dict[str, Any], *, teacher: nn.Module | None = None,
+                 teacher_meta: dict[str, Any] | None = None, num_classes: int | None = None,
+                 data: dict[str, Any] | None = None):
+        self.stage = stage
+        self.mode = stage["mode"]
+        if self.mode == "distill":
+            if teacher is None or teacher_meta is None:
+                raise ValueError("consistency distillation needs a teacher")
+            extra = teacher_meta["extra"]
+            self.diffusion = dict(extra["diffusion"])
+            self.num_classes = int(extra["num_classes"])
+            self.data = {k: extra[k] for k in ("latent_scale", "autoencoder", "sample_shape") if k in extra}
+            self.teacher = teacher.eval().requires_grad_(False)
+            self.teacher_param = self.diffusion.get("parameterization", "eps")
+            self.parameterization = self.teacher_param  # the student is the teacher's network
+            self.recipe = (teacher_meta["name"], teacher_meta["args"])
+            # guidance already distilled into the teacher is not applied twice
+            self.guidance = 0.0 if extra.get("distilled_guidance") else float(stage.get("guidance", 0.0))
+            self.inherited_guidance = float(extra.get("distilled_guidance", 0.0))
+        else:
+            self.diffusion = dict(stage.get("diffusion") or {})
+            self.num_classes = int(num_classes or 0)
+            self.data = dict(data or {})
+            self.teacher = None
+            self.parameterization = "v"  # the network's output is read as v (F_θ = −v)
+            self.recipe = (stage["model"]["name"], stage["model"]["args"])
+            self.guidance = 0.0
+            self.inherited_guidance = 0.0
+        self.schedule = make_schedule(self.diffusion)
+        self.levels = consistency_levels(self.schedule, int(stage.get("levels", 18)),
+                                         float(stage.get("sigma_max", 80.0)), float(stage.get("rho", 7.0)))
+        self.sigma_data = float(stage.get("sigma_data", 1.0))
+        self.sigma_min = float(vp_sigmas(self.schedule)[self.levels[0]])
+        self.mu = float(stage.get("target_ema", 0.95))
+        self.label_dropout = 0.0 if self.guidance else float(stage.get("label_dropout", 0.1))
+        self.target: nn.Module | None = None  # θ⁻, made from θ on the first step
+
+    def build_model(self) -> nn.Module:
+        if self.teacher is not None:
+            return copy.deepcopy(self.teacher).train().requires_grad_(True)
+        return build_model(*self.recipe[:1], **self.recipe[1])
+
+    def _update_target(self, model: Any) -> nn.Module:
+        from pipeline.train.engine import gathered_params
+
+        online = _module(model)
+        ctx = gathered_params(model) if hasattr(model, "zero_optimization_stage") else torch.no_grad()
+        with ctx:
+            if self.target is None:
+                self.target = copy.deepcopy(online).eval().requires_grad_(False)
+            else:
+                ema_update_(self.target, online, self.mu)
+        return self.target
+
+    def f(self, net, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """f(x_t, t) of eq. 44 for a network ``net`` (θ or θ⁻), in the σ frame."""
+        out = net(x_t, self.schedule.timestep_map.to(x_t.device)[t], y=y)
+        return consistency_output(self.schedule, out, x_t, t, self.parameterization, self.sigma_data,
+                                  self.sigma_min)
+
+    def _teacher_fn(self, y: torch.Tensor):
+        if self.guidance == 0:
+            return lambda x, t: self.teacher(x, t, y=y)
+        return classifier_free(lambda x, t, yy: self.teacher(x, t, y=yy), y, self.num_classes, self.guidance)
+
+    def loss(self, model, batch, gen):
+        x0, y = batch["image"], batch["label"]
+        s = self.schedule = on_device(self.schedule, x0.device)
+        target_net = self._update_target(model)
+        if self.label_dropout:
+            drop = torch.rand(len(y), device=y.device, generator=gen) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        levels = torch.tensor(self.levels, device=x0.device)
+        t_cur, t_next = adjacent_levels(levels, len(x0), gen)
+        noise = torch.randn(x0.shape, device=x0.device, generator=gen)
+        if self.mode == "distill":
+            x_next = s.q_sample(x0, t_next, noise)  # eq. 17
+            x_cur = cd_teacher_step(s, self._teacher_fn(y), x_next, t_next, t_cur, self.teacher_param)  # eq. 45
+        else:
+            x_next, x_cur = ct_pair(s, x0, t_next, t_cur, noise)  # eq. 46: the same z for both levels
+        with torch.no_grad():
+            target = self.f(target_net, x_cur, t_cur, y)  # f_{θ⁻}(x_{t_n}, t_n)
+        pred = self.f(model, x_next, t_next, y)  # f_θ(x_{t_{n+1}}, t_{n+1})
+        loss = F.mse_loss(pred.float(), target.float())  # eq. 45/46 with d = L2, λ = 1
+        return loss, {}
+
+    def model_recipe(self):
+        return self.recipe
+
+    def export_extra(self):
+        diffusion = dict(self.diffusion, parameterization=self.parameterization)
+        return {"kind": "consistency", "mode": self.mode, "diffusion": diffusion, "num_classes": self.num_classes,
+                **self.data,
+                "consistency": {"timesteps": self.levels, "sigma_data": self.sigma_data,
+                                "sigma_min_index": self.levels[0]},
+                "sampling_timesteps": [self.levels[-1]],  # one step by default
+                "distilled_guidance": self.guidance or self.inherited_guidance}
+
+
+def build_consistency_task(config: dict[str, Any], download) -> ConsistencyTask:
+    """The task of a ``consistency`` stage inside a Ray worker (``download(uri, tracking_uri) -> dir``)."""
+    from pipeline.train.export import load_exported
+
+    stage = config["stage"]
+    if stage["mode"] == "distill":
+        teacher_dir = download(config["inputs"]["teacher"]["uri"], config.get("tracking_uri"))
+        teacher, meta = load_exported(teacher_dir)
+        return ConsistencyTask(stage, teacher=teacher, teacher_meta=meta)
+    return ConsistencyTask(stage, num_classes=config["num_classes"], data=config["data_info"])
