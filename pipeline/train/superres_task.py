@@ -1,0 +1,165 @@
+"""Cascaded diffusion (notes section 2.6.1): a base model at low resolution and super-resolution stages.
+
+A `superres` stage trains at its own resolution `size`, on training images area-downsampled from the
+data resolution. With `low_res` set it is a super-resolution model: the U-Net input is the noisy
+high-res image concatenated (channels) with the bicubic upsampling of the low-res image, which is
+corrupted by noise conditioning augmentation (Gaussian noise or blur, :mod:`pipeline.diffusion.cond_aug`);
+the discretised augmentation level reaches the model through its class embedding. Without `low_res`
+it is the cascade's base: a class-conditional DDPM at `size`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.diffusion import diffusion_loss, sample_ddim
+from pipeline.diffusion.cond_aug import (
+    augment,
+    downsample,
+    from_residual,
+    level_index,
+    random_levels,
+    to_residual,
+    upsample_bicubic,
+)
+from pipeline.models import build_model
+from pipeline.train.tasks import make_schedule, on_device
+
+
+def sr_inputs(images: Tensor, size: int, low_res: int, kind: str, levels: list[float],
+              gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training inputs of a super-resolution stage from full-resolution ``images``.
+
+    Returns ``(target, cond, level_idx)``: the high-res target (B, C, size, size), the conditioning
+    (B, C, size, size) = bicubic upsampling of the augmented low-res image, and each sample's level index.
+    """
+    target = downsample(images, size)
+    low = downsample(images, low_res)
+    idx, values = random_levels(len(images), levels, gen, images.device)
+    noise = torch.randn(low.shape, generator=gen, device=low.device, dtype=low.dtype) if kind == "noise" else None
+    return target, upsample_bicubic(augment(low, kind, values, noise), size), idx
+
+
+def sr_condition(low: Tensor, size: int, kind: str, levels: list[float], level: float,
+                 gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sampling-time conditioning: ``low`` augmented at the chosen ``level`` (snapped), upsampled; level indices."""
+    i = level_index(level, levels)
+    values = torch.full((len(low),), float(levels[i]), device=low.device)
+    noise = torch.randn(low.shape, generator=gen, device=low.device, dtype=low.dtype) if kind == "noise" else None
+    cond = upsample_bicubic(augment(low, kind, values, noise), size)
+    return cond, torch.full((len(low),), i, dtype=torch.long, device=low.device)
+
+
+def sr_model_args(model_args: dict[str, Any], channels: int, low_res: int | None, num_levels: int,
+                  num_classes: int) -> dict[str, Any]:
+    """The U-Net's arguments with the channels and embeddings the stage implies filled in.
+
+    Super-resolution: ``in_channels = 2C`` (noisy image ‖ upsampled low-res), ``out_channels = C`` and one
+    class-like embedding per augmentation level. Base: ``in_channels = C`` and the data's classes.
+    """
+    implied = {"in_channels": 2 * channels if low_res else channels, "out_channels": channels,
+               "num_classes": num_levels if low_res else num_classes}
+    for k, v in implied.items():
+        if k in model_args and model_args[k] != v:
+            raise ValueError(f"model.args.{k}={model_args[k]} contradicts the stage (it must be {v}); "
+                             "leave it out and the stage fills it in")
+    return {**model_args, **implied}
+
+
+class SuperResTask:
+    """DDPM training of one cascade stage (base or super-resolution) at resolution ``stage['size']``."""
+
+    def __init__(self, stage: dict[str, Any], num_classes: int, data: dict[str, Any]):
+        self.size = int(stage["size"])
+        self.low_res = stage.get("low_res")
+        self.residual_scale = stage.get("residual_scale") if self.low_res else None
+        aug = stage.get("augment") or {}
+        self.aug_kind = aug.get("kind", "noise")
+        self.levels = [float(v) for v in aug.get("levels", [0.0])]
+        self.sample_level = float(aug.get("sample_level", 0.0))
+        self.sampling = {k: v for k, v in (stage.get("sampling") or {}).items() if k in ("steps", "eta")}
+        self.diffusion = stage.get("diffusion", {})
+        self.schedule = make_schedule(self.diffusion)
+        self.num_classes = num_classes
+        self.data = data  # channels, cascade_input (URI of the stage producing low_res)
+        self.model_spec = {"name": stage["model"]["name"],
+                           "args": sr_model_args(stage["model"].get("args", {}), int(data["channels"]),
+                                                 self.low_res, len(self.levels), num_classes)}
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.model_spec["name"], **self.model_spec["args"])
+
+    def inputs(self, images: Tensor, labels: Tensor, gen: torch.Generator | None
+               ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(x0, conditioning or None, class-like index): x0 is the image at ``size`` (or, with ``residual_scale``,
+        its residual over the conditioning); the index is the augmentation level, or the (dropped) label."""
+        if self.low_res:
+            target, cond, idx = sr_inputs(images, self.size, int(self.low_res), self.aug_kind, self.levels, gen)
+            if self.residual_scale:
+                target = to_residual(target, cond, float(self.residual_scale))
+            return target, cond, idx
+        drop = torch.rand(len(labels), device=labels.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
+        return downsample(images, self.size), None, torch.where(drop, torch.full_like(labels, self.num_classes),
+                                                                 labels)
+
+    def loss(self, model, batch, gen):
+        x0, cond, y = self.inputs(batch["image"], batch["label"], gen)
+        self.schedule = on_device(self.schedule, x0.device)
+        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
+        noise = torch.randn(x0.shape, device=x0.device, generator=gen)
+        out = diffusion_loss(
+            denoiser(model, cond, y), self.schedule, x0, t, noise,
+            parameterization=self.diffusion.get("parameterization", "eps"),
+            loss_type=self.diffusion.get("loss", "simple"),
+            lambda_vlb=float(self.diffusion.get("lambda_vlb", 0.001)),
+            learn_sigma=bool(self.diffusion.get("learn_sigma", False)),
+        )
+        return out["loss"].mean(), {"mse": out["mse"].mean()}
+
+    def model_recipe(self):
+        return self.model_spec["name"], self.model_spec["args"]
+
+    def export_extra(self):
+        return {"kind": "superres", "diffusion": self.diffusion, "num_classes": self.num_classes,
+                "size": self.size, "low_res": self.low_res, "residual_scale": self.residual_scale,
+                "augment": {"kind": self.aug_kind, "levels": self.levels, "sample_level": self.sample_level},
+                "sampling": self.sampling,
+                "sample_shape": [int(self.data["channels"]), self.size, self.size], "latent_scale": 1.0,
+                **self.data}
+
+
+def denoiser(model: nn.Module, cond: Tensor | None, y: Tensor):
+    """``fn(x_t, t)`` of a cascade stage: the U-Net on x_t (‖ the conditioning) with class-like index ``y``."""
+    if cond is None:
+        return lambda xt, tt: model(xt, tt, y=y)
+    return lambda xt, tt: model(torch.cat([xt, cond], dim=1), tt, y=y)
+
+
+@torch.no_grad()
+def sample_stage(model: nn.Module, meta: dict[str, Any], *, n: int, steps: int, seed: int,
+                 labels: Tensor | None = None, low: Tensor | None = None, level: float = 0.0,
+                 eta: float = 0.0, batch_size: int = 256) -> Tensor:
+    """DDIM samples (eq. 43) of one cascade stage: the base given ``labels``, or SR given ``low`` at ``level``."""
+    extra = meta["extra"]
+    d = extra["diffusion"]
+    sched = make_schedule(d)
+    c, size = int(extra["channels"]), int(extra["size"])
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        if extra.get("low_res"):
+            aug = extra["augment"]
+            cond, y = sr_condition(low[i:i + m], size, aug["kind"], aug["levels"], level, g)
+        else:
+            cond = None
+            y = labels[i:i + m] if labels is not None else torch.full((m,), int(extra["num_classes"]))
+        xT = torch.randn((m, c, size, size), generator=g)
+        x = sample_ddim(denoiser(model, cond, y), sched, xT, steps, eta=eta,
+                        parameterization=d.get("parameterization", "eps"), generator=g)
+        rs = extra.get("residual_scale")
+        outs.append(from_residual(x, cond, float(rs)) if rs and cond is not None else x.clamp(-1, 1))
+    return torch.cat(outs)

@@ -1,0 +1,185 @@
+"""Noise conditioning augmentation (notes 2.6.1) and the super-resolution task's inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from pipeline.diffusion.cond_aug import (
+    augment,
+    blur_augment,
+    downsample,
+    from_residual,
+    gaussian_blur,
+    gaussian_kernel1d,
+    level_index,
+    noise_augment,
+    random_levels,
+    to_residual,
+    upsample_bicubic,
+)
+from pipeline.train.superres_task import SuperResTask, sample_stage, sr_condition, sr_inputs, sr_model_args
+
+
+def test_noise_augment_is_eq17_with_gamma_as_noise_std():
+    x = torch.tensor([[[[0.5, -1.0]]], [[[0.2, 0.8]]]])
+    eps = torch.tensor([[[[1.0, 2.0]]], [[[-1.0, 0.5]]]])
+    gamma = torch.tensor([0.0, 0.6])
+    z = noise_augment(x, gamma, eps)
+    assert torch.equal(z[0], x[0])  # level 0: untouched
+    # hand computation: sqrt(1 - 0.36) = 0.8
+    torch.testing.assert_close(z[1], torch.tensor([[[0.8 * 0.2 - 0.6, 0.8 * 0.8 + 0.6 * 0.5]]]))
+
+
+def test_noise_augment_preserves_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(20000, 1, 1, 1, generator=g), torch.randn(20000, 1, 1, 1, generator=g)
+    z = noise_augment(x, torch.full((20000,), 0.7), eps)
+    assert abs(float(z.var()) - 1.0) < 0.03
+    assert abs(float((z * x).mean()) - math.sqrt(1 - 0.49)) < 0.03  # correlation with the clean input
+
+
+def test_gaussian_kernel_closed_form():
+    w = gaussian_kernel1d(1.0)
+    assert len(w) == 7  # radius ceil(3 sigma) = 3
+    k = torch.arange(-3, 4, dtype=torch.float64)
+    expected = torch.exp(-k**2 / 2)
+    torch.testing.assert_close(w, expected / expected.sum())
+    assert torch.equal(gaussian_kernel1d(0.0), torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        gaussian_kernel1d(-1.0)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+def test_gaussian_blur_matches_scipy(sigma):
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    ours = gaussian_blur(x, sigma)
+    # scipy's mode="mirror" (d c b | a b c d) is torch's "reflect" padding; truncate=3 gives the same radius
+    ref = gaussian_filter(x.numpy().astype(np.float64), sigma=(0, 0, sigma, sigma), truncate=3.0, mode="mirror")
+    torch.testing.assert_close(ours, torch.from_numpy(ref).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_blur_keeps_constants_and_mean_and_is_per_sample():
+    x = torch.full((1, 1, 8, 8), 0.3)
+    torch.testing.assert_close(gaussian_blur(x, 1.2), x)
+    imgs = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    out = blur_augment(imgs, torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(out[0], imgs[0]) and torch.equal(out[2], imgs[2])
+    torch.testing.assert_close(out[1:2], gaussian_blur(imgs[1:2], 1.0))
+    assert float(out[1].std()) < float(imgs[1].std())  # a low-pass filter
+    with pytest.raises(ValueError, match="unknown conditioning augmentation"):
+        augment(imgs, "jpeg", torch.zeros(3))
+
+
+def test_down_and_bicubic_up():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4) / 16
+    d = downsample(x, 2)
+    torch.testing.assert_close(d, torch.tensor([[[[x[0, 0, :2, :2].mean(), x[0, 0, :2, 2:].mean()],
+                                                 [x[0, 0, 2:, :2].mean(), x[0, 0, 2:, 2:].mean()]]]]))
+    with pytest.raises(ValueError, match="integer factor"):
+        downsample(torch.zeros(1, 1, 6, 6), 4)
+    # bicubic reproduces a constant image and is torch's bicubic kernel otherwise, clamped to [-1, 1]
+    torch.testing.assert_close(upsample_bicubic(torch.full((1, 3, 4, 4), 0.25), 8), torch.full((1, 3, 8, 8), 0.25))
+    big = torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]])
+    up = upsample_bicubic(big, 8)
+    assert up.shape == (1, 1, 8, 8) and float(up.abs().max()) <= 1.0
+    ref = torch.nn.functional.interpolate(big, size=(8, 8), mode="bicubic", align_corners=False)
+    assert float(ref.abs().max()) > 1.0  # the overshoot the clamp removes
+    torch.testing.assert_close(up, ref.clamp(-1, 1))
+
+
+def test_levels():
+    levels = [0.0, 0.1, 0.3]
+    assert [level_index(v, levels) for v in (0.0, 0.04, 0.06, 0.25, 5.0)] == [0, 0, 1, 2, 2]
+    idx, values = random_levels(3000, levels, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(values, torch.tensor(levels)[idx])
+    counts = torch.bincount(idx, minlength=3).float() / 3000
+    assert float((counts - 1 / 3).abs().max()) < 0.04  # uniform over the levels
+
+
+def test_sr_inputs_shapes_and_conditioning():
+    imgs = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    target, cond, idx = sr_inputs(imgs, 16, 8, "noise", [0.0], torch.Generator().manual_seed(1))
+    assert target.shape == cond.shape == (6, 3, 16, 16) and idx.tolist() == [0] * 6
+    torch.testing.assert_close(target, imgs)
+    # level 0 only: the conditioning is exactly the bicubic upsampling of the area-downsampled image
+    torch.testing.assert_close(cond, upsample_bicubic(downsample(imgs, 8), 16))
+    # a downsampled target (size < data resolution)
+    target, cond, _ = sr_inputs(imgs, 8, 4, "blur", [0.5, 1.0], torch.Generator().manual_seed(1))
+    assert target.shape == cond.shape == (6, 3, 8, 8)
+    torch.testing.assert_close(target, downsample(imgs, 8))
+
+
+def test_sampling_condition_snaps_the_level():
+    low = torch.zeros(4, 3, 8, 8)
+    cond, idx = sr_condition(low, 16, "noise", [0.0, 0.2, 0.5], 0.22, torch.Generator().manual_seed(0))
+    assert idx.tolist() == [1] * 4 and cond.shape == (4, 3, 16, 16)
+    noise = torch.randn(low.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cond, upsample_bicubic(0.2 * noise, 16))
+
+
+def test_model_args_filled_in_and_contradictions_rejected():
+    assert sr_model_args({"model_channels": 8}, 3, 8, 5, 7) == {
+        "model_channels": 8, "in_channels": 6, "out_channels": 3, "num_classes": 5}
+    assert sr_model_args({}, 3, None, 5, 7) == {"in_channels": 3, "out_channels": 3, "num_classes": 7}
+    with pytest.raises(ValueError, match="in_channels"):
+        sr_model_args({"in_channels": 3}, 3, 8, 5, 7)
+
+
+STAGE = {"size": 8, "low_res": 4, "augment": {"kind": "noise", "levels": [0.0, 0.3, 0.6]},
+         "model": {"name": "unet", "args": {"model_channels": 16, "channel_mult": [1, 2], "num_heads": 2}},
+         "diffusion": {"timesteps": 100, "parameterization": "v"}}
+
+
+def test_task_feeds_low_res_and_level_to_the_model():
+    task = SuperResTask(STAGE, num_classes=7, data={"channels": 3, "cascade_input": None})
+    model = task.build_model()
+    assert model.conv_in.in_channels == 6 and model.label_embed.num_embeddings == 3 + 1
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["x"], seen["y"] = args[0], kwargs["y"]
+
+    model.register_forward_pre_hook(spy, with_kwargs=True)
+    imgs = torch.rand(5, 3, 16, 16) * 2 - 1
+    gen = torch.Generator().manual_seed(3)
+    loss, parts = task.loss(model, {"image": imgs, "label": torch.zeros(5, dtype=torch.long)}, gen)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # replay the task's random draws: levels first, then the augmentation noise
+    _, cond, idx = sr_inputs(imgs, 8, 4, "noise", [0.0, 0.3, 0.6], torch.Generator().manual_seed(3))
+    assert torch.equal(seen["y"], idx)  # the level index is the class-like input
+    torch.testing.assert_close(seen["x"][:, 3:], cond)  # channels 3..5: the upsampled augmented low-res
+    assert seen["x"].shape == (5, 6, 8, 8)
+    # the level embedding changes the output: the model is told the level
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x, t = torch.randn(1, 6, 8, 8), torch.tensor([10])
+        assert not torch.allclose(model(x, t, y=torch.tensor([0])), model(x, t, y=torch.tensor([2])))
+
+
+def test_sampling_a_stage_gives_images_at_its_size():
+    task = SuperResTask(STAGE, num_classes=7, data={"channels": 3, "cascade_input": None})
+    model = task.build_model().eval()
+    meta = {"extra": task.export_extra()}
+    out = sample_stage(model, meta, n=3, steps=2, seed=0, low=torch.zeros(3, 3, 4, 4), level=0.3)
+    assert out.shape == (3, 3, 8, 8) and float(out.abs().max()) <= 1.0
+
+
+def test_residual_round_trip_and_task_target():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    cond = torch.rand(2, 3, 8, 8) * 2 - 1
+    r = to_residual(x, cond, 0.2)
+    torch.testing.assert_close(r, (x - cond) / 0.2)
+    torch.testing.assert_close(from_residual(r, cond, 0.2), x)
+    task = SuperResTask({**STAGE, "residual_scale": 0.2}, num_classes=7, data={"channels": 3, "cascade_input": None})
+    imgs = torch.rand(4, 3, 16, 16) * 2 - 1
+    x0, c, idx = task.inputs(imgs, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(5))
+    target, cond, idx2 = sr_inputs(imgs, 8, 4, "noise", [0.0, 0.3, 0.6], torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x0, (target - cond) / 0.2)
+    assert torch.equal(c, cond) and torch.equal(idx, idx2)
+    assert task.export_extra()["residual_scale"] == 0.2
