@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets as WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="write shards + manifest from a source")
-    b.add_argument("--source", required=True, help="digits | photos | imagefolder:PATH")
+    b.add_argument("--source", required=True, help="digits | photos | sprites | moving-digits | imagefolder:PATH")
     b.add_argument("--out", required=True)
     b.add_argument("--image-size", type=int, default=None)
     b.add_argument("--held-out", type=float, default=0.15)

@@ -145,7 +145,9 @@ class AutoencoderStage(_TrainedStage):
     def _known_objective(cls, v: dict[str, Any]) -> dict[str, Any]:
         from pipeline.objectives import get_objective
 
-        get_objective(str(v.get("type", "kl_vae")))  # ValueError naming the known types
+        objective = get_objective(str(v.get("type", "kl_vae")))  # ValueError naming the known types
+        if hasattr(objective, "check_cfg"):  # an objective may validate its own keys and values
+            objective.check_cfg(v)
         return v
 
 
@@ -186,10 +188,26 @@ class SamplingSpec(_Strict):
     eta: float = Field(0.0, ge=0)
     guidance: float = Field(0.0, ge=0)
     num_samples: int = Field(500, ge=1)
+    classifier: str | None = None  # classifier guidance: a noisy `classifier` stage or models:/NAME@ALIAS
+    classifier_scale: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _scale_needs_classifier(self) -> SamplingSpec:
+        if self.classifier_scale and not self.classifier:
+            raise ValueError("classifier_scale needs `classifier` (a noisy classifier stage or models:/NAME@ALIAS)")
+        return self
+
+
+class TextEncoderSpec(_Strict):
+    """The text encoder τ_θ of a text-conditioned stage: `trainable` (joint) or `minilm` (frozen, `text` extra)."""
+
+    name: Literal["trainable", "minilm"] = "trainable"
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class DiffusionStage(_TrainedStage):
-    """Class-conditional DDPM on the latents (or pixels) of its input."""
+    """DDPM on the latents (or pixels) of its input, conditioned on class labels or (`conditioning: text`)
+    on captions through `text_encoder` (cross-attention; `diffusion.label_dropout` drops captions for CFG)."""
 
     kind: Literal["diffusion"]
     model: ModelSpec
@@ -197,6 +215,28 @@ class DiffusionStage(_TrainedStage):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     scale: ScaleSpec = Field(default_factory=ScaleSpec)
     train: TrainSpec
+    conditioning: Literal["class", "text"] = "class"
+    text_encoder: TextEncoderSpec | None = None
+
+    @model_validator(mode="after")
+    def _text_conditioning(self) -> DiffusionStage:
+        if self.conditioning == "class":
+            if self.text_encoder is not None:
+                raise ValueError("text_encoder is set but conditioning is 'class'; set conditioning: text")
+            return self
+        from pipeline.models.text import check_text_encoder_spec
+
+        self.text_encoder = self.text_encoder or TextEncoderSpec()
+        try:
+            check_text_encoder_spec(self.text_encoder.model_dump())
+        except (ValueError, ImportError) as exc:  # unknown args, or minilm's package not installed
+            raise ValueError(f"text_encoder: {exc}") from None
+        if self.model.args.get("num_classes"):
+            raise ValueError("conditioning: text takes no class labels; remove model.args.num_classes")
+        if self.sampling.classifier_scale:
+            raise ValueError("conditioning: text supports classifier-free guidance only; "
+                             "set sampling.classifier_scale to 0")
+        return self
 
 
 class DistillStage(_TrainedStage):
@@ -220,8 +260,135 @@ class DistillStage(_TrainedStage):
         return self
 
 
+class CondAugSpec(_Strict):
+    """Noise conditioning augmentation of a super-resolution stage's low-res input (notes 2.6.1)."""
+
+    kind: Literal["noise", "blur"] = "noise"  # noise: std γ of √(1−γ²)x + γε; blur: Gaussian σ in pixels
+    levels: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], min_length=1)
+    sample_level: float = 0.0  # chosen at sampling time (snapped to the nearest level)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CondAugSpec:
+        top = 1.0 if self.kind == "noise" else float("inf")
+        if any(not 0.0 <= v < top for v in [*self.levels, self.sample_level]):
+            raise ValueError(f"{self.kind} levels and sample_level must be in [0, {top:g})")
+        return self
+
+
+class SuperResStage(_TrainedStage):
+    """A cascade stage: `low_res` → `size` super-resolution diffusion (or the base model when `low_res` is null)."""
+
+    kind: Literal["superres"]
+    size: int = Field(..., ge=4)
+    low_res: int | None = Field(None, ge=2)
+    residual_scale: float | None = Field(None, gt=0)  # set: model (x − upsampled conditioning) / residual_scale
+    model: ModelSpec
+    augment: CondAugSpec = Field(default_factory=CondAugSpec)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _cascade(self) -> SuperResStage:
+        if self.low_res is not None and self.low_res >= self.size:
+            raise ValueError(f"low_res={self.low_res} must be smaller than size={self.size}")
+        if self.low_res is not None and len(self.needs) != 1:
+            raise ValueError("a super-resolution stage needs exactly one stage: the cascade stage producing low_res")
+        return self
+
+
+class EdgeSpec(_Strict):
+    """Canny edge maps (skimage.feature.canny on images scaled to [0, 1]) used as ControlNet's control."""
+
+    sigma: float = Field(1.0, ge=0)
+    low_threshold: float = Field(0.1, ge=0)
+    high_threshold: float = Field(0.2, ge=0)
+
+
+class ControlNetStage(_TrainedStage):
+    """ControlNet (eq. 50) over the frozen registered U-Net of its one needed diffusion stage."""
+
+    kind: Literal["controlnet"]
+    edges: EdgeSpec = Field(default_factory=EdgeSpec)
+    class_labels: bool = False  # false: trained and sampled on the null label, so the edges alone steer it
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=lambda: ScaleSpec(zero_stage=0))
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _one_base(self) -> ControlNetStage:
+        if len(self.needs) != 1:
+            raise ValueError("a controlnet stage needs exactly one stage: the base diffusion model")
+        if self.scale.zero_stage != 0:  # the checkpoint's full_state reads frozen weights only at ZeRO-0
+            raise ValueError(f"scale.zero_stage={self.scale.zero_stage}: a controlnet stage (frozen base weights) "
+                             "trains with zero_stage 0")
+        return self
+
+
+class ConsistencyStage(_TrainedStage):
+    """Consistency model (eq. 44-46): `mode: distill` from the diffusion stage it needs, or `mode: train`."""
+
+    kind: Literal["consistency"]
+    mode: Literal["distill", "train"]
+    model: ModelSpec | None = None  # mode train only (distill copies the teacher)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)  # mode train: the VP schedule of the levels
+    levels: int = Field(18, ge=2)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    sigma_data: float = Field(1.0, gt=0)
+    target_ema: float = Field(0.95, ge=0, lt=1)
+    guidance: float = Field(0.0, ge=0)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    eval_steps: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _model_per_mode(self) -> ConsistencyStage:
+        if self.mode == "train" and self.model is None:
+            raise ValueError("mode: train needs `model` (the network to train from scratch)")
+        if self.mode == "distill" and self.model is not None:
+            raise ValueError("mode: distill copies the teacher's network; remove `model`")
+        if any(k < 1 or k >= self.levels for k in self.eval_steps):
+            raise ValueError(f"eval_steps must lie in [1, levels-1 = {self.levels - 1}]")
+        return self
+
+
+class PriorSamplingSpec(_Strict):
+    """How a code prior's samples are drawn for the grid and the evaluation."""
+
+    num_samples: int = Field(500, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class PriorStage(_TrainedStage):
+    """A gated PixelCNN over the codes of its one needed VQ autoencoder stage (VQ-VAE / VQ-VAE-2 prior)."""
+
+    kind: Literal["prior"]
+    model: ModelSpec
+    sampling: PriorSamplingSpec = Field(default_factory=PriorSamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PriorStage:
+        if len(self.needs) != 1:
+            raise ValueError("a prior stage needs exactly one stage: the VQ autoencoder whose codes it models")
+        return self
+
+
+def _check_prior_input(spec: JobSpec, name: str, stage: Any) -> None:
+    ae = spec.stages[stage.needs[0]]
+    if ae.kind != "autoencoder" or str(ae.objective.get("type", "kl_vae")) != "vq":
+        raise ValueError(f"stages.{name}.needs: a prior stage needs an autoencoder stage with objective.type vq, "
+                         f"but '{stage.needs[0]}' is not one")
+
+
 Stage = Annotated[
-    AutoencoderStage | ClassifierStage | EncodeStage | DiffusionStage | DistillStage,
+    AutoencoderStage | ClassifierStage | EncodeStage | DiffusionStage | DistillStage | SuperResStage
+    | ControlNetStage | ConsistencyStage | PriorStage,
     Field(discriminator="kind"),
 ]
 
@@ -247,9 +414,10 @@ class DataSpec(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v in ("digits", "photos", "shards") or v.startswith("imagefolder:"):
+        if v in ("digits", "photos", "sprites", "moving-digits", "shards") or v.startswith("imagefolder:"):
             return v
-        raise ValueError("expected one of 'digits', 'photos', 'shards', 'imagefolder:PATH'")
+        raise ValueError("expected one of 'digits', 'photos', 'sprites', 'moving-digits', 'shards', "
+                         "'imagefolder:PATH'")
 
 
 class TrackingSpec(_Strict):
@@ -297,6 +465,10 @@ class JobSpec(_Strict):
                     )
                 if names.index(need) > names.index(name):
                     raise ValueError(f"stage '{name}' needs '{need}', which comes after it")
+            _check_generation_refs(self, name, stage)
+            _check_text_teacher(self, name, stage)
+            if stage.kind == "prior":
+                _check_prior_input(self, name, stage)
         if self.eval.classifier is not None and self.eval.classifier not in self.stages:
             raise ValueError(f"eval.classifier '{self.eval.classifier}' is not a stage of this job")
         return self
@@ -310,6 +482,28 @@ class JobSpec(_Strict):
             "seed": self.seed,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_text_teacher(spec: JobSpec, name: str, stage: Any) -> None:
+    """Only class-conditional diffusion stages feed later training stages (distillation samples by label)."""
+    for need in stage.needs:
+        if getattr(spec.stages[need], "conditioning", "class") == "text":
+            raise ValueError(f"stage '{name}' needs '{need}', a text-conditioned diffusion stage; distilling "
+                             "text conditioning is not supported (drop the stage or use conditioning: class)")
+
+
+def _check_generation_refs(spec: JobSpec, name: str, stage: Any) -> None:
+    """A consistency distillation needs a teacher stage; `sampling.classifier` names an earlier noisy classifier."""
+    names = list(spec.stages)
+    if stage.kind == "consistency" and stage.mode == "distill" and not any(
+            spec.stages[n].kind in ("diffusion", "distill") for n in stage.needs):
+        raise ValueError(f"stage '{name}' (consistency, mode: distill) needs a diffusion stage as its teacher")
+    clf = getattr(getattr(stage, "sampling", None), "classifier", None)
+    if clf and not clf.startswith("models:/"):
+        other = spec.stages.get(clf)
+        if other is None or other.kind != "classifier" or not other.noisy or names.index(clf) > names.index(name):
+            raise ValueError(f"stages.{name}.sampling.classifier '{clf}' must be an earlier `classifier` stage "
+                             "with `noisy: true`, or models:/NAME@ALIAS")
 
 
 def _describe_error(err: dict[str, Any]) -> str:
@@ -334,7 +528,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in parts) or "(top level)"
 
 
-_STAGE_KINDS = {"autoencoder", "classifier", "encode", "diffusion", "distill"}
+_STAGE_KINDS = {"autoencoder", "classifier", "encode", "diffusion", "distill", "superres", "controlnet",
+                "consistency", "prior"}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:

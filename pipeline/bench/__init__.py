@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, str] = {
     "sampling": "pipeline.bench.sampling",
     "gpu": "pipeline.bench.gpu_entry",
     "e2e": "pipeline.bench.e2e",
+    "ksparse-filters": "pipeline.bench.ksparse_filters",
+    "generation": "pipeline.bench.generation",
 }
 
 RESULTS_DIR = Path("bench-results")

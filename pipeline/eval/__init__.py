@@ -78,7 +78,14 @@ def generate(gen: Generator, labels: torch.Tensor, *, steps: int | list[int] | N
             fn = (lambda yy: (lambda x, t: gen.model(x, t, y=yy)))(y)
         xT = torch.randn((len(y), *shape), generator=g)
         guide = (lambda yy: (lambda x, t: cond_fn(x, t, yy)))(y) if cond_fn is not None else None
-        if sampler == "ddim":
+        if "consistency" in gen.extra:  # a consistency model (eq. 44): `steps` = its number of steps
+            from pipeline.diffusion.consistency import generator_timesteps, sample_consistency
+
+            c = gen.extra["consistency"]
+            z = sample_consistency(fn, base, xT, generator_timesteps(c, steps), sigma_min_index=c["sigma_min_index"],
+                                   parameterization=d.get("parameterization", "v"), sigma_data=c["sigma_data"],
+                                   generator=g)
+        elif sampler == "ddim":
             z = sample_ddim(fn, base, xT, steps, eta=eta, parameterization=d.get("parameterization", "eps"),
                             generator=g, cond_fn=guide, guidance_scale=classifier_scale)
         elif sampler == "ancestral":

@@ -68,6 +68,10 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 # Import the backbones so that their @register decorators run.
 from pipeline.models import autoencoder, classifier, controlnet, dit, unet  # noqa: E402, F401, I001
+from pipeline.models import text  # noqa: E402, F401  (text encoders; minilm's package is imported lazily)
+from pipeline.models import mlp_ae  # noqa: E402, F401
+from pipeline.models import pixelcnn, vqvae  # noqa: E402, F401
+from pipeline.models import tdvae  # noqa: E402, F401
 from pipeline.models.autoencoder import KLAutoencoder  # noqa: E402
 from pipeline.models.classifier import NoisyClassifier  # noqa: E402
 from pipeline.models.controlnet import ControlNet  # noqa: E402

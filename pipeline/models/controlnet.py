@@ -10,6 +10,7 @@ output is exactly the base model's output.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,3 +104,11 @@ def _out_channels(block: nn.Module) -> int:
     last = convs[-1]
     # ResBlock's skip conv may come after conv2 in module order; both have the same out_channels.
     return last.out_channels
+
+
+@register("controlnet_unet")
+def controlnet_unet(base: dict[str, Any], control_channels: int = 1) -> ControlNet:
+    """A ControlNet around a freshly built ``unet`` with arguments ``base`` (the export recipe of a trained one)."""
+    from pipeline.models import build_model
+
+    return ControlNet(build_model("unet", **base), control_channels)

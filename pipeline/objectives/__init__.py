@@ -6,6 +6,8 @@ Each objective is a small object with two methods:
   (``batch["image"]`` (B, C, H, W), ``batch["label"]`` (B,)); metrics are scalar tensors.
 - ``evaluate(model, data_dir, cfg, seed) -> (metrics, images)``: held-out evaluation after training;
   ``metrics`` maps names (``eval/...``) to floats, ``images`` maps artifact paths to PNG bytes.
+- optionally ``check_cfg(cfg)``: raise ValueError for unknown keys or bad values; called when the job
+  spec is validated, so the error names ``stages.<name>.objective`` before anything runs.
 
 ``cfg`` is the stage's ``objective`` mapping. Modules register theirs with :func:`register_objective`.
 """

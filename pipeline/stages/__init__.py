@@ -237,7 +237,7 @@ def _pixel_dataset(ctx: JobContext, data_dir: Path):
     if data_dir == ctx.data_dir and (aug.hflip or aug.shift):
         ds = ds.map_batches(augment_batch, batch_format="numpy",
                             fn_kwargs={"hflip": aug.hflip, "shift": aug.shift})
-    ds = ds.select_columns(["image", "label", "key"])  # the key orders in-memory data deterministically
+    ds = ds.select_columns(["image", "label", "caption", "key"])  # the key orders in-memory data deterministically
     ds._pipeline_expected_samples = read_manifest(data_dir).splits["train"].num_samples  # to count skipped ones
     return ds
 
@@ -301,9 +301,10 @@ def run_classifier(ctx: JobContext, name: str, key: str, run_id: str, inputs) ->
     from pipeline.eval import classify
     from pipeline.train.export import load_exported
 
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), {})
+    data_dir = _data_dir_of(ctx, name)  # latents when it needs an encode stage (a noisy latent classifier)
+    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir), {})
     model, _ = load_exported(export)
-    test = load_split(ctx.data_dir, "test")
+    test = load_split(data_dir, "test")
     pred = classify(model, torch.from_numpy(test["image"]))
     acc = float((pred.numpy() == test["label"]).mean())
     return export, {"eval/accuracy": acc}
@@ -381,25 +382,48 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
 
 
 def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, guidance: float,
-                    num_samples: int, prefix: str, sampler: str = "ddim") -> dict[str, float]:
-    """Sample class-conditionally, log a grid, and measure against held-out data."""
+                    num_samples: int, prefix: str, sampler: str = "ddim", classifier_guide: str | None = None,
+                    classifier_scale: float = 0.0) -> dict[str, float]:
+    """Sample class-conditionally, log a grid, and measure against held-out data.
+
+    With `classifier_guide` (a noisy classifier stage or models:/ URI) and `classifier_scale`, samples are
+    drawn with classifier guidance (eq. 36-38) on top of classifier-free guidance `guidance`.
+    """
     from pipeline.eval import generate, image_grid, sample_metrics
 
     gen = load_generator(model_dir)
     classifier = _classifier(ctx)
     n_cls = gen.num_classes
     labels = torch.arange(num_samples) % n_cls
+    guide = {}
+    if classifier_guide and classifier_scale:
+        guide = {"cond_fn": guidance_cond_fn(ctx, classifier_guide, gen), "classifier_scale": classifier_scale}
     t0 = time.perf_counter()
-    fake = generate(gen, labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed)
+    fake = generate(gen, labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed, **guide)
     secs = time.perf_counter() - t0
     grid_labels = torch.arange(n_cls).repeat_interleave(8)
-    grid = generate(gen, grid_labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed + 1)
+    grid = generate(gen, grid_labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed + 1,
+                    **guide)
     _log_png(run_id, image_grid(grid, nrow=8, scale=4), f"samples/{prefix}grid.png")
     metrics = {"samples_per_sec": num_samples / secs}
     if classifier is not None:
         real = torch.from_numpy(load_split(ctx.data_dir, "test")["image"])
         metrics.update(sample_metrics(fake, labels, real, classifier))
     return {f"eval/{prefix}{k}": v for k, v in metrics.items()}
+
+
+def guidance_cond_fn(ctx: JobContext | None, classifier: str, gen):
+    """`cond_fn` of classifier guidance from a noisy classifier: a stage of this job or a models:/ URI."""
+    from pipeline.eval.guidance import GuidanceError, check_classifier, classifier_cond_fn
+    from pipeline.train.export import load_exported
+
+    ref = ctx.refs[classifier] if ctx is not None and classifier in ctx.refs else tracking.resolve(classifier)
+    model, meta = load_exported(tracking.download(ref))
+    try:
+        check_classifier(model, meta, gen)
+    except GuidanceError as exc:
+        raise SpecError(f"sampling.classifier '{classifier}' ({ref.name} v{ref.version}) cannot guide: {exc}") from None
+    return classifier_cond_fn(model, gen.schedule)
 
 
 def _classifier(ctx: JobContext):
@@ -438,12 +462,16 @@ def run_diffusion(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> 
     manifest = read_manifest(data_dir)
     h, w, c = manifest.image_size
     data_info["sample_shape"] = [c, h, w]
+    if stage.conditioning == "text":  # captions through a text encoder: pipeline.train.text_task
+        from pipeline.train.text_task import run_text_diffusion
+
+        return run_text_diffusion(ctx, name, key, run_id, data_dir, manifest.num_classes, data_info)
     export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir),
                   {"num_classes": manifest.num_classes, "data_info": data_info})
     s = stage.sampling
     metrics = _eval_generator(ctx, run_id, export, steps=s.steps, guidance=s.guidance,
                               num_samples=min(s.num_samples, ctx.spec.eval.num_samples), prefix="",
-                              sampler=s.sampler)
+                              sampler=s.sampler, classifier_guide=s.classifier, classifier_scale=s.classifier_scale)
     return export, metrics
 
 
@@ -494,6 +522,19 @@ def _data_dir_of(ctx: JobContext, stage_name: str) -> Path:
 
 RUNNERS = {"autoencoder": run_autoencoder, "classifier": run_classifier, "diffusion": run_diffusion,
            "distill": run_distill}
+
+from pipeline.stages.controlnet import run_controlnet  # noqa: E402
+from pipeline.stages.superres import run_superres  # noqa: E402
+
+RUNNERS.update(superres=run_superres, controlnet=run_controlnet)
+
+from pipeline.stages.consistency import run_consistency  # noqa: E402
+
+RUNNERS["consistency"] = run_consistency
+
+from pipeline.stages.prior import run_prior  # noqa: E402
+
+RUNNERS["prior"] = run_prior
 
 
 # ----------------------------------------------------------------------------- driver

@@ -17,14 +17,8 @@ from torch import Tensor, nn
 
 from pipeline.diffusion import classifier_free, diffusion_loss, sample_ddim
 from pipeline.eval.edges import canny_edges
-from pipeline.models import ControlNet, UNet, build_model, register
+from pipeline.models import ControlNet, UNet
 from pipeline.train.tasks import make_schedule, on_device
-
-
-@register("controlnet_unet")
-def controlnet_unet(base: dict[str, Any], control_channels: int = 1) -> ControlNet:
-    """A ControlNet around a freshly built ``unet`` with arguments ``base`` (the export recipe of a trained one)."""
-    return ControlNet(build_model("unet", **base), control_channels)
 
 
 def edge_control(images: Tensor, edges: dict[str, Any]) -> Tensor:

@@ -106,13 +106,13 @@ def _cycle(ctx: WorkerContext, start_epoch: int, cache: bool) -> Iterator[tuple[
         g = torch.Generator().manual_seed(1000 + ctx.rank)
         while True:
             epoch += 1
-            images = torch.cat([b["image"] for b in kept])
-            labels = torch.cat([b["label"] for b in kept])
-            perm = torch.randperm(len(images), generator=g)
+            cols = {k: torch.cat([b[k] for b in kept]) for k, v in kept[0].items()
+                    if torch.is_tensor(v)}  # image, label (and caption_bytes)
+            perm = torch.randperm(len(cols["image"]), generator=g)
             bs = len(kept[0]["image"])
             for i in range(0, len(perm) - bs + 1, bs):
                 idx = perm[i:i + bs]
-                yield epoch, {"image": images[idx], "label": labels[idx]}
+                yield epoch, {k: v[idx] for k, v in cols.items()}
     while True:
         n = 0
         for batch in ctx.batches(epoch):
@@ -144,7 +144,7 @@ def _memory_batches(data: dict[str, torch.Tensor], *, rank: int, world: int, mic
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
             perm_epoch = epoch
         idx = perm[i * g + rank * micro:i * g + (rank + 1) * micro]
-        yield epoch, {"image": data["image"][idx], "label": data["label"][idx]}
+        yield epoch, {k: v[idx] for k, v in data.items() if torch.is_tensor(v)}  # image, label (, caption_bytes)
         b += 1
 
 

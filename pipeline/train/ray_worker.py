@@ -57,6 +57,11 @@ def build_task(config: dict[str, Any]):
         return tasks.AutoencoderTask(stage)
     if kind == "classifier":
         return tasks.ClassifierTask(stage)
+    if kind == "diffusion" and stage.get("conditioning") == "text":
+        from pipeline.train.text_task import TextDiffusionTask
+
+        return TextDiffusionTask(stage, num_classes=config["num_classes"], data=config["data_info"],
+                                 text_encoder=config["text_encoder"])
     if kind == "diffusion":
         return tasks.DiffusionTask(stage, num_classes=config["num_classes"], data=config["data_info"])
     if kind == "distill":
@@ -67,6 +72,24 @@ def build_task(config: dict[str, Any]):
             teacher_dir = _download(source["uri"], config.get("tracking_uri"))
         teacher, meta = load_exported(teacher_dir)
         return tasks.DistillTask(stage, teacher, meta, teacher_timesteps=config["teacher_timesteps"])
+    if kind == "superres":
+        from pipeline.train.superres_task import SuperResTask
+
+        return SuperResTask(stage, num_classes=config["num_classes"], data=config["data_info"])
+    if kind == "controlnet":
+        from pipeline.train.controlnet_task import ControlNetTask
+
+        base, meta = load_exported(_download(config["inputs"]["base"]["uri"], config.get("tracking_uri")))
+        return ControlNetTask(stage, base, meta)
+    if kind == "consistency":
+        from pipeline.train.consistency_task import build_consistency_task
+
+        return build_consistency_task(config, _download)
+    if kind == "prior":  # a PixelCNN over the codes of the frozen, registered VQ autoencoder
+        from pipeline.train.prior_task import PriorTask
+
+        vq, meta = load_exported(_download(config["inputs"]["autoencoder"]["uri"], config.get("tracking_uri")))
+        return PriorTask(stage, vq, meta, num_classes=config["num_classes"], data=config["data_info"])
     raise ValueError(f"no training task for stage kind '{kind}'")
 
 
@@ -92,8 +115,13 @@ def _tensors(b: dict[str, Any]) -> dict[str, torch.Tensor]:
         a = np.ascontiguousarray(a, dtype=dtype)
         return a if a.flags.writeable else a.copy()
 
-    return {"image": torch.from_numpy(owned(b["image"], np.float32)),  # (B, C, H, W)
-            "label": torch.from_numpy(owned(b["label"], np.int64))}  # (B,)
+    out = {"image": torch.from_numpy(owned(b["image"], np.float32)),  # (B, C, H, W)
+           "label": torch.from_numpy(owned(b["label"], np.int64))}  # (B,)
+    if "caption" in b:  # strings, carried as fixed-width UTF-8 bytes so batches stay tensors
+        from pipeline.models.text import captions_to_bytes
+
+        out["caption_bytes"] = captions_to_bytes([str(c) for c in b["caption"]])  # (B, 256) uint8
+    return out
 
 
 def _reraise_data_error(exc: BaseException) -> None:
@@ -138,7 +166,7 @@ def load_samples(shard, ctx: WorkerContext, expected: int | None) -> dict[str, t
     if len(set(keys)) != len(keys):
         raise DataError("the training split holds duplicate sample keys; rebuild the shards")
     order = torch.from_numpy(np.argsort(np.asarray(keys), kind="stable"))
-    data = {k: torch.cat([p[k] for p in parts])[order] for k in ("image", "label")}
+    data = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0]}
     skipped = max(0, int(expected) - len(keys)) if expected is not None else 0
     ctx.extra_metrics["data/samples"] = float(len(keys))
     ctx.extra_metrics["data/skipped_samples"] = float(skipped)

@@ -121,10 +121,16 @@ class DiffusionTask:
         self.schedule = on_device(self.schedule, x0.device)
         drop = torch.rand(len(y), device=y.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
         y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.denoising_loss(lambda xt, tt: model(xt, tt, y=y), x0, gen)
+
+    def denoising_loss(self, model_fn, x0: torch.Tensor, gen: torch.Generator):
+        """The spec's diffusion loss of the conditioned ``model_fn(x_t, t)`` at random t (the hook that
+        :class:`pipeline.train.text_task.TextDiffusionTask` conditions on captions)."""
+        self.schedule = on_device(self.schedule, x0.device)
         t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, generator=gen)
         out = diffusion_loss(
-            lambda xt, tt: model(xt, tt, y=y), self.schedule, x0, t, noise,
+            model_fn, self.schedule, x0, t, noise,
             parameterization=self.diffusion.get("parameterization", "eps"),
             loss_type=self.diffusion.get("loss", "simple"),
             lambda_vlb=float(self.diffusion.get("lambda_vlb", 0.001)),
