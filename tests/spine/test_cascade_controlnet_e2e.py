@@ -44,6 +44,7 @@ def _champion_artifacts(db: Path, name: str) -> tuple[dict[str, float], list[str
 
 
 @pytest.mark.slow
+@pytest.mark.e2e_suite
 def test_cascade_and_controlnet_jobs(tmp_path):
     (tmp_path / "cascade").mkdir()
     cascade = _run(tmp_path / "cascade", "cascade.yaml", CASCADE)

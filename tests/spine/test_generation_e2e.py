@@ -39,6 +39,7 @@ def _pipeline(cwd: Path, *args: str, timeout: int = 1200) -> subprocess.Complete
 
 
 @pytest.mark.slow
+@pytest.mark.e2e_suite
 def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     job = ROOT / "jobs" / "distill.yaml"
     sets = [a for s in TINY for a in ("--set", s)]
