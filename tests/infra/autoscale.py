@@ -234,7 +234,7 @@ def autoscaling_cluster(
     idle_timeout_minutes: float = 0.2,
     include_dashboard: bool = False,
     apply_env: bool = True,
-    start_timeout_s: float = 60.0,
+    start_timeout_s: float = 180.0,
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[LocalAutoscalingCluster]:
     """Start a local autoscaling Ray cluster (fake multi-node provider); end it on exit.
