@@ -523,18 +523,13 @@ def _data_dir_of(ctx: JobContext, stage_name: str) -> Path:
 RUNNERS = {"autoencoder": run_autoencoder, "classifier": run_classifier, "diffusion": run_diffusion,
            "distill": run_distill}
 
+# The runners of the other stage kinds live in their own modules (they import this one's helpers).
+from pipeline.stages.consistency import run_consistency  # noqa: E402
 from pipeline.stages.controlnet import run_controlnet  # noqa: E402
+from pipeline.stages.prior import run_prior  # noqa: E402
 from pipeline.stages.superres import run_superres  # noqa: E402
 
-RUNNERS.update(superres=run_superres, controlnet=run_controlnet)
-
-from pipeline.stages.consistency import run_consistency  # noqa: E402
-
-RUNNERS["consistency"] = run_consistency
-
-from pipeline.stages.prior import run_prior  # noqa: E402
-
-RUNNERS["prior"] = run_prior
+RUNNERS.update(superres=run_superres, controlnet=run_controlnet, consistency=run_consistency, prior=run_prior)
 
 
 # ----------------------------------------------------------------------------- driver
