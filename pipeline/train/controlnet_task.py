@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.diffusion import classifier_free, diffusion_loss, sample_ddim
+from pipeline.diffusion import classifier_free, sample_ddim
 from pipeline.eval.edges import canny_edges
 from pipeline.models import ControlNet, UNet
-from pipeline.train.tasks import make_schedule, on_device
+from pipeline.train.tasks import make_schedule, on_device, spec_diffusion_loss
 
 
 def edge_control(images: Tensor, edges: dict[str, Any]) -> Tensor:
@@ -72,16 +72,7 @@ class ControlNetTask:
         control = edge_control(x0, self.edges)
         self.schedule = on_device(self.schedule, x0.device)
         y = control_labels(y, self.num_classes, self.class_labels, self.diffusion.get("label_dropout", 0.1), gen)
-        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
-        noise = torch.randn(x0.shape, device=x0.device, generator=gen)
-        out = diffusion_loss(
-            lambda xt, tt: model(xt, tt, control, y=y), self.schedule, x0, t, noise,
-            parameterization=self.diffusion.get("parameterization", "eps"),
-            loss_type=self.diffusion.get("loss", "simple"),
-            lambda_vlb=float(self.diffusion.get("lambda_vlb", 0.001)),
-            learn_sigma=bool(self.diffusion.get("learn_sigma", False)),
-        )
-        return out["loss"].mean(), {"mse": out["mse"].mean()}
+        return spec_diffusion_loss(lambda xt, tt: model(xt, tt, control, y=y), self.schedule, self.diffusion, x0, gen)
 
     def model_recipe(self):
         return "controlnet_unet", {"base": self.base_meta["args"], "control_channels": 1}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.diffusion import diffusion_loss, sample_ddim
+from pipeline.diffusion import sample_ddim
 from pipeline.diffusion.cond_aug import (
     augment,
     downsample,
@@ -26,7 +26,7 @@ from pipeline.diffusion.cond_aug import (
     upsample_bicubic,
 )
 from pipeline.models import build_model
-from pipeline.train.tasks import make_schedule, on_device
+from pipeline.train.tasks import make_schedule, on_device, spec_diffusion_loss
 
 
 def sr_inputs(images: Tensor, size: int, low_res: int, kind: str, levels: list[float],
@@ -108,16 +108,7 @@ class SuperResTask:
     def loss(self, model, batch, gen):
         x0, cond, y = self.inputs(batch["image"], batch["label"], gen)
         self.schedule = on_device(self.schedule, x0.device)
-        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
-        noise = torch.randn(x0.shape, device=x0.device, generator=gen)
-        out = diffusion_loss(
-            denoiser(model, cond, y), self.schedule, x0, t, noise,
-            parameterization=self.diffusion.get("parameterization", "eps"),
-            loss_type=self.diffusion.get("loss", "simple"),
-            lambda_vlb=float(self.diffusion.get("lambda_vlb", 0.001)),
-            learn_sigma=bool(self.diffusion.get("learn_sigma", False)),
-        )
-        return out["loss"].mean(), {"mse": out["mse"].mean()}
+        return spec_diffusion_loss(denoiser(model, cond, y), self.schedule, self.diffusion, x0, gen)
 
     def model_recipe(self):
         return self.model_spec["name"], self.model_spec["args"]

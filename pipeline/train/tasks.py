@@ -103,6 +103,21 @@ def make_schedule(diffusion: dict[str, Any]) -> Schedule:
     return Schedule.make(diffusion.get("schedule", "cosine"), int(diffusion.get("timesteps", 1000)))
 
 
+def spec_diffusion_loss(model_fn, schedule: Schedule, diffusion: dict[str, Any], x0: torch.Tensor,
+                        gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The diffusion spec's loss of the conditioned ``model_fn(x_t, t)`` at uniformly drawn t (Algorithm 1)."""
+    t = torch.randint(0, schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
+    noise = torch.randn(x0.shape, device=x0.device, generator=gen)
+    out = diffusion_loss(
+        model_fn, schedule, x0, t, noise,
+        parameterization=diffusion.get("parameterization", "eps"),
+        loss_type=diffusion.get("loss", "simple"),
+        lambda_vlb=float(diffusion.get("lambda_vlb", 0.001)),
+        learn_sigma=bool(diffusion.get("learn_sigma", False)),
+    )
+    return out["loss"].mean(), {"mse": out["mse"].mean()}
+
+
 class DiffusionTask:
     """DDPM training (Algorithm 1) with classifier-free label dropout; loss per the spec."""
 
@@ -127,16 +142,7 @@ class DiffusionTask:
         """The spec's diffusion loss of the conditioned ``model_fn(x_t, t)`` at random t (the hook that
         :class:`pipeline.train.text_task.TextDiffusionTask` conditions on captions)."""
         self.schedule = on_device(self.schedule, x0.device)
-        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device, generator=gen)
-        noise = torch.randn(x0.shape, device=x0.device, generator=gen)
-        out = diffusion_loss(
-            model_fn, self.schedule, x0, t, noise,
-            parameterization=self.diffusion.get("parameterization", "eps"),
-            loss_type=self.diffusion.get("loss", "simple"),
-            lambda_vlb=float(self.diffusion.get("lambda_vlb", 0.001)),
-            learn_sigma=bool(self.diffusion.get("learn_sigma", False)),
-        )
-        return out["loss"].mean(), {"mse": out["mse"].mean()}
+        return spec_diffusion_loss(model_fn, self.schedule, self.diffusion, x0, gen)
 
     def model_recipe(self):
         return self.model_spec["name"], self.model_spec["args"]
