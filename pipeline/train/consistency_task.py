@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.diffusion import classifier_free
 from pipeline.diffusion.consistency import (
     adjacent_levels,
     cd_teacher_step,
@@ -29,7 +28,7 @@ from pipeline.diffusion.consistency import (
     vp_sigmas,
 )
 from pipeline.models import build_model
-from pipeline.train.tasks import make_schedule, on_device
+from pipeline.train.tasks import guided_teacher, make_schedule, on_device
 
 
 def _module(model: Any) -> nn.Module:
@@ -99,11 +98,6 @@ class ConsistencyTask:
         return consistency_output(self.schedule, out, x_t, t, self.parameterization, self.sigma_data,
                                   self.sigma_min)
 
-    def _teacher_fn(self, y: torch.Tensor):
-        if self.guidance == 0:
-            return lambda x, t: self.teacher(x, t, y=y)
-        return classifier_free(lambda x, t, yy: self.teacher(x, t, y=yy), y, self.num_classes, self.guidance)
-
     def loss(self, model, batch, gen):
         x0, y = batch["image"], batch["label"]
         s = self.schedule = on_device(self.schedule, x0.device)
@@ -116,7 +110,8 @@ class ConsistencyTask:
         noise = torch.randn(x0.shape, device=x0.device, generator=gen)
         if self.mode == "distill":
             x_next = s.q_sample(x0, t_next, noise)  # eq. 17
-            x_cur = cd_teacher_step(s, self._teacher_fn(y), x_next, t_next, t_cur, self.teacher_param)  # eq. 45
+            teacher = guided_teacher(self.teacher, y, self.num_classes, self.guidance)
+            x_cur = cd_teacher_step(s, teacher, x_next, t_next, t_cur, self.teacher_param)  # eq. 45
         else:
             x_next, x_cur = ct_pair(s, x0, t_next, t_cur, noise)  # eq. 46: the same z for both levels
         with torch.no_grad():

@@ -93,6 +93,13 @@ def on_device(schedule: Schedule, device: torch.device) -> Schedule:
     return schedule if schedule.betas.device == device else schedule.to(device)
 
 
+def guided_teacher(teacher: nn.Module, y: torch.Tensor, num_classes: int, guidance: float):
+    """The teacher's denoiser ``(x, t) -> output`` for labels ``y``; classifier-free guided when ``guidance > 0``."""
+    if guidance == 0:
+        return lambda x, t: teacher(x, t, y=y)
+    return classifier_free(lambda x, t, yy: teacher(x, t, y=yy), y, num_classes, guidance)
+
+
 def extra_guidance(meta: dict[str, Any]) -> float:
     """The guidance weight already distilled into a model (0 for an undistilled one)."""
     return float(meta["extra"].get("distilled_guidance", 0.0))
@@ -181,9 +188,7 @@ class DistillTask:
         return copy.deepcopy(self.teacher).train().requires_grad_(True)
 
     def _teacher_fn(self, y: torch.Tensor):
-        if self.guidance == 0:
-            return lambda x, t: self.teacher(x, t, y=y)
-        return classifier_free(lambda x, t, yy: self.teacher(x, t, y=yy), y, self.num_classes, self.guidance)
+        return guided_teacher(self.teacher, y, self.num_classes, self.guidance)
 
     def loss(self, model, batch, gen):
         x0, y = batch["image"], batch["label"]
