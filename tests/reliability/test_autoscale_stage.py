@@ -40,7 +40,9 @@ def test_stage_scales_the_cluster_up_and_back_down(tmp_path: Path, digits8: Path
         head = next(n["NodeID"] for n in _alive() if n["Resources"].get("node:__internal_head__"))
         assert len(_alive()) == 1 and ray.cluster_resources()["CPU"] == 1.0
 
-        env = clean_env(**cluster.env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300")
+        # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers/ids ("[repeated 2x across
+        # cluster]"), which can swallow one of the two "rank N of 2 on node X" lines this test reads
+        env = clean_env(**cluster.env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", RAY_DEDUP_LOGS="0")
         t0 = time.monotonic()
         out = run_pipeline(tmp_path, "run", str(job), env=env, timeout=900)
         text = out.stdout + out.stderr
