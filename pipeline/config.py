@@ -220,23 +220,28 @@ class DiffusionStage(_TrainedStage):
 
     @model_validator(mode="after")
     def _text_conditioning(self) -> DiffusionStage:
-        if self.conditioning == "class":
-            if self.text_encoder is not None:
-                raise ValueError("text_encoder is set but conditioning is 'class'; set conditioning: text")
-            return self
-        from pipeline.models.text import check_text_encoder_spec
-
-        self.text_encoder = self.text_encoder or TextEncoderSpec()
-        try:
-            check_text_encoder_spec(self.text_encoder.model_dump())
-        except (ValueError, ImportError) as exc:  # unknown args, or minilm's package not installed
-            raise ValueError(f"text_encoder: {exc}") from None
-        if self.model.args.get("num_classes"):
-            raise ValueError("conditioning: text takes no class labels; remove model.args.num_classes")
-        if self.sampling.classifier_scale:
-            raise ValueError("conditioning: text supports classifier-free guidance only; "
-                             "set sampling.classifier_scale to 0")
+        _check_text_conditioning(self)
         return self
+
+
+def _check_text_conditioning(stage: DiffusionStage | SuperResStage) -> None:
+    """Validate ``conditioning`` / ``text_encoder`` of a stage (and default the encoder to `trainable`)."""
+    if stage.conditioning == "class":
+        if stage.text_encoder is not None:
+            raise ValueError("text_encoder is set but conditioning is 'class'; set conditioning: text")
+        return
+    from pipeline.models.text import check_text_encoder_spec
+
+    stage.text_encoder = stage.text_encoder or TextEncoderSpec()
+    try:
+        check_text_encoder_spec(stage.text_encoder.model_dump())
+    except (ValueError, ImportError) as exc:  # unknown args, or minilm's package not installed
+        raise ValueError(f"text_encoder: {exc}") from None
+    if stage.model.args.get("num_classes"):
+        raise ValueError("conditioning: text takes no class labels; remove model.args.num_classes")
+    if stage.sampling.classifier_scale:
+        raise ValueError("conditioning: text supports classifier-free guidance only; "
+                         "set sampling.classifier_scale to 0")
 
 
 class DistillStage(_TrainedStage):
@@ -275,8 +280,26 @@ class CondAugSpec(_Strict):
         return self
 
 
+class CascadeSamplingSpec(SamplingSpec):
+    """Sampling of a cascade stage (DDIM only): `guidance` is classifier-free guidance on the class (base) or
+    the caption (`conditioning: text`); `dynamic_threshold` (a quantile such as 0.995) applies Imagen's
+    dynamic thresholding to every predicted x̂₀, null = none."""
+
+    dynamic_threshold: float | None = Field(None, gt=0.5, le=1.0)
+
+    @model_validator(mode="after")
+    def _ddim_only(self) -> CascadeSamplingSpec:
+        if self.sampler != "ddim" or self.classifier:
+            raise ValueError("cascade stages sample with DDIM and classifier-free guidance only "
+                             "(sampler: ddim, no classifier)")
+        return self
+
+
 class SuperResStage(_TrainedStage):
-    """A cascade stage: `low_res` → `size` super-resolution diffusion (or the base model when `low_res` is null)."""
+    """A cascade stage: `low_res` → `size` super-resolution diffusion (or the base model when `low_res` is null).
+
+    `conditioning: text` conditions it on the captions through `text_encoder` (cross-attention; Imagen with the
+    frozen `minilm`), with `diffusion.label_dropout` dropping captions for classifier-free guidance."""
 
     kind: Literal["superres"]
     size: int = Field(..., ge=4)
@@ -285,12 +308,21 @@ class SuperResStage(_TrainedStage):
     model: ModelSpec
     augment: CondAugSpec = Field(default_factory=CondAugSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    sampling: CascadeSamplingSpec = Field(default_factory=CascadeSamplingSpec)
     scale: ScaleSpec = Field(default_factory=ScaleSpec)
     train: TrainSpec
+    conditioning: Literal["class", "text"] = "class"
+    text_encoder: TextEncoderSpec | None = None
 
     @model_validator(mode="after")
     def _cascade(self) -> SuperResStage:
+        _check_text_conditioning(self)
+        if self.low_res and self.conditioning == "class" and self.sampling.guidance:
+            raise ValueError("sampling.guidance: a class-conditioned super-resolution stage has no ∅ condition "
+                             "to guide against (its only label is the augmentation level); set it to 0")
+        if self.residual_scale and self.sampling.dynamic_threshold:
+            raise ValueError("sampling.dynamic_threshold thresholds a predicted image, but with residual_scale "
+                             "the stage predicts a residual; drop one of them")
         if self.low_res is not None and self.low_res >= self.size:
             raise ValueError(f"low_res={self.low_res} must be smaller than size={self.size}")
         if self.low_res is not None and len(self.needs) != 1:
@@ -487,6 +519,8 @@ class JobSpec(_Strict):
 def _check_text_teacher(spec: JobSpec, name: str, stage: Any) -> None:
     """Only class-conditional diffusion stages feed later training stages (distillation samples by label)."""
     for need in stage.needs:
+        if stage.kind == "superres" and spec.stages[need].kind == "superres":
+            continue  # a cascade stage upsamples its input's samples, text-conditioned or not
         if getattr(spec.stages[need], "conditioning", "class") == "text":
             raise ValueError(f"stage '{name}' needs '{need}', a text-conditioned diffusion stage; distilling "
                              "text conditioning is not supported (drop the stage or use conditioning: class)")

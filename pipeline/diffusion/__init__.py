@@ -37,7 +37,7 @@ from .param import (
     training_target,
     v_target,
 )
-from .sampling import ddim_step, sample_ancestral, sample_ddim, sample_langevin
+from .sampling import ddim_step, dynamic_threshold, sample_ancestral, sample_ddim, sample_langevin
 from .schedule import Schedule, cosine_betas, extract, linear_betas, strided_timesteps
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "consistency_skip_out",
     "cosine_betas",
     "ddim_step",
+    "dynamic_threshold",
     "decoder_nll",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",

@@ -95,6 +95,17 @@ def sample_ancestral(
     return x
 
 
+def dynamic_threshold(x0: Tensor, quantile: float) -> Tensor:
+    """Imagen's dynamic thresholding of a predicted x̂₀ (Saharia et al., 2022).
+
+    Per sample, s = max(1, the ``quantile`` of |x̂₀|); x̂₀ is clipped to [-s, s] and divided by s, so
+    saturated pixels are pushed inwards instead of piling up at ±1 (large guidance weights).
+    """
+    s = torch.quantile(x0.abs().flatten(1).float(), quantile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 def ddim_step(
     s: Schedule,
     eps: Tensor,
@@ -134,6 +145,7 @@ def sample_ddim(
     eta: float = 0.0,
     parameterization: str = "eps",
     clip_denoised: bool = False,
+    threshold: float | None = None,
     generator: torch.Generator | None = None,
     cond_fn: CondFn | None = None,
     guidance_scale: float = 0.0,
@@ -144,6 +156,8 @@ def sample_ddim(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DDIM sampling on ``steps`` evenly strided timesteps of ``s`` (or an explicit list) (eq. 43).
 
+    ``clip_denoised`` clips the predicted x̂₀ to [-1, 1]; ``threshold`` (a quantile, e.g. 0.995) applies
+    :func:`dynamic_threshold` to it instead; either way ε̂ is recomputed from the new x̂₀ (eq. 41).
     With ``return_trajectory`` also returns the stacked states (steps + 1, *shape), x_T first.
     """
     r = s.respace(steps)
@@ -154,10 +168,10 @@ def sample_ddim(
         t = _full(i, x)
         out = model_fn(x, tmap[t])
         eps, x0 = model_eps_x0(r, out, x, t, parameterization)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        if clip_denoised or threshold is not None:
+            x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-1.0, 1.0)
             acp = extract(r.alphas_cumprod, t, x)
-            eps = (x - acp.sqrt() * x0) / (1.0 - acp).sqrt()
+            eps = (x - acp.sqrt() * x0) / (1.0 - acp).sqrt()  # eq. 41 solved for ε
         if cond_fn is not None and guidance_scale != 0.0:
             with torch.enable_grad():
                 grad = cond_fn(x, tmap[t])

@@ -268,14 +268,16 @@ class TextConditioned(nn.Module):
     ``forward(x, t, captions=None, context=None)``: the captions are encoded into the context
     sequence τ_θ(y) that the denoiser cross-attends to (eq. 47-48); ``captions=None`` means the
     empty caption (the ∅ condition of classifier-free guidance). The denoiser's ``context_dim`` is
-    set to the encoder's width.
+    set to the encoder's width. With ``class_labels`` the denoiser also takes class-like labels ``y``
+    besides the captions (a super-resolution stage's augmentation level).
     """
 
-    def __init__(self, denoiser: dict[str, Any], text_encoder: dict[str, Any]):
+    def __init__(self, denoiser: dict[str, Any], text_encoder: dict[str, Any], class_labels: bool = False):
         super().__init__()
         self.text_encoder = build_text_encoder(text_encoder)
+        self.class_labels = class_labels
         args = dict(denoiser.get("args") or {})
-        if args.get("num_classes"):
+        if args.get("num_classes") and not class_labels:
             raise ValueError("a text-conditioned denoiser takes no class labels: remove num_classes from its args")
         dim = int(self.text_encoder.dim)
         if args.get("context_dim") not in (None, dim):
@@ -291,11 +293,13 @@ class TextConditioned(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 captions: Sequence[str] | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
-        if y is not None:
+        if y is not None and not self.class_labels:
             raise ValueError("this model is text-conditioned: it takes captions, not class labels "
                              "(sample it with pipeline.eval.text.generate_from_captions)")
         if context is None:
             context, _ = self.encode_text(captions if captions is not None else [""] * len(x), device=x.device)
+        if self.class_labels:
+            return self.denoiser(x, t, y=y, context=context)
         return self.denoiser(x, t, context=context)
 
 

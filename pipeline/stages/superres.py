@@ -47,8 +47,10 @@ def nearest(x: Tensor, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, meta: dict[str, Any], images: Tensor, seed: int, timesteps: int = 10) -> float:
-    """Diffusion loss on held-out images at ``timesteps`` evenly spaced t (fixed noise; SR at level 0)."""
+def heldout_loss(model: nn.Module, meta: dict[str, Any], images: Tensor, seed: int, timesteps: int = 10,
+                 captions: list[str] | None = None) -> float:
+    """Diffusion loss on held-out images at ``timesteps`` evenly spaced t (fixed noise; SR at level 0;
+    a text-conditioned stage given the images' ``captions``)."""
     extra = meta["extra"]
     d = extra["diffusion"]
     sched = make_schedule(d)
@@ -60,13 +62,16 @@ def heldout_loss(model: nn.Module, meta: dict[str, Any], images: Tensor, seed: i
         cond, y = sr_condition(downsample(images, int(extra["low_res"])), size, aug["kind"], aug["levels"], 0.0, g)
         if extra.get("residual_scale"):
             x0 = to_residual(x0, cond, float(extra["residual_scale"]))
+    elif extra.get("conditioning") == "text":
+        cond, y = None, None
     else:
         cond, y = None, torch.full((len(x0),), int(extra["num_classes"]))
+    text = {"captions": captions} if extra.get("conditioning") == "text" else {}
     total = 0.0
     for t_val in torch.linspace(0, sched.num_timesteps - 1, timesteps).round().long().tolist():
         t = torch.full((len(x0),), t_val, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=g)
-        out = diffusion_loss(denoiser(model, cond, y), sched, x0, t, noise,
+        out = diffusion_loss(denoiser(model, cond, y, **text), sched, x0, t, noise,
                              parameterization=d.get("parameterization", "eps"), loss_type="simple")
         total += float(out["mse"].mean())
     return total / timesteps
@@ -90,24 +95,26 @@ def load_cascade(model_dir: str | Path) -> list[tuple[nn.Module, dict[str, Any]]
 
 @torch.no_grad()
 def sample_cascade(chain: list[tuple[nn.Module, dict[str, Any]]], labels: Tensor, seed: int,
-                   levels: list[float] | None = None) -> list[Tensor]:
-    """Sample the whole cascade from noise: the base given ``labels``, then every SR stage on the previous output.
+                   levels: list[float] | None = None, captions: list[str] | None = None) -> list[Tensor]:
+    """Sample the whole cascade from noise: the base given ``labels`` (text-conditioned stages: ``captions``),
+    then every SR stage on the previous output.
 
-    Each stage uses its own sampling steps and its `sample_level` (or ``levels[i]`` for SR stage i).
-    Returns every stage's output, lowest resolution first.
+    Each stage uses its own sampling settings (steps, eta, guidance, dynamic threshold) and its `sample_level`
+    (or ``levels[i]`` for SR stage i). Returns every stage's output, lowest resolution first.
     """
     outs: list[Tensor] = []
     for i, (model, meta) in enumerate(chain):
         extra = meta["extra"]
-        steps = int(extra.get("sampling", {}).get("steps", 50))
-        eta = float(extra.get("sampling", {}).get("eta", 0.0))
+        s = extra.get("sampling", {})
+        kw = {"n": len(labels), "steps": int(s.get("steps", 50)), "eta": float(s.get("eta", 0.0)),
+              "guidance": float(s.get("guidance", 0.0)), "threshold": s.get("dynamic_threshold"),
+              "captions": captions if extra.get("conditioning") == "text" else None}
         if i == 0:
-            outs.append(sample_stage(model, meta, n=len(labels), steps=steps, eta=eta, seed=seed, labels=labels))
+            outs.append(sample_stage(model, meta, seed=seed, labels=labels, **kw))
             continue
         level = levels[i - 1] if levels is not None else float(extra["augment"].get("sample_level", 0.0))
         low = downsample(outs[-1], int(extra["low_res"])) if outs[-1].shape[-1] != extra["low_res"] else outs[-1]
-        outs.append(sample_stage(model, meta, n=len(labels), steps=steps, eta=eta, seed=seed + i, low=low,
-                                 level=level))
+        outs.append(sample_stage(model, meta, seed=seed + i, low=low, level=level, **kw))
     return outs
 
 
@@ -129,8 +136,9 @@ def _check_stage(ctx, name: str, stage, data_size: int) -> None:
 def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracking.ModelRef]
                  ) -> tuple[Path, dict[str, float]]:
     """Train one cascade stage; evaluate it on held-out crops and sample the cascade up to it."""
-    from pipeline.eval import image_grid
-    from pipeline.stages import _fit, _log_png, _pixel_dataset
+    from pipeline.eval import classify, image_grid
+    from pipeline.eval.text import class_captions
+    from pipeline.stages import _classifier, _fit, _log_png, _pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
@@ -140,21 +148,29 @@ def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracki
         raise SpecError(f"stage '{name}': cascades need square images, the data is {w}x{h}")
     _check_stage(ctx, name, stage, h)
     cascade_input = next(iter(inputs.values())).uri if stage.low_res else None
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
-                  {"num_classes": manifest.num_classes,
-                   "data_info": {"channels": c, "cascade_input": cascade_input}})
+    extra: dict[str, Any] = {"num_classes": manifest.num_classes,
+                             "data_info": {"channels": c, "cascade_input": cascade_input}}
+    if stage.conditioning == "text":
+        from pipeline.train.text_task import resolve_text_encoder
+
+        train_captions = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)["caption"]
+        extra["text_encoder"] = resolve_text_encoder(stage.text_encoder.model_dump(), train_captions)
+    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), extra)
     model, meta = load_exported(export)
     seed = ctx.spec.seed
-    n = min(stage.sampling.num_samples, ctx.spec.eval.num_samples)
-    test = load_split(ctx.data_dir, "test")
+    s = stage.sampling
+    n = min(s.num_samples, ctx.spec.eval.num_samples)
+    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
     images = torch.from_numpy(test["image"])[:n]
-    metrics = {"eval/heldout_mse": heldout_loss(model, meta, images, seed)}
+    captions = [str(t) for t in test["caption"][:n]]
+    metrics = {"eval/heldout_mse": heldout_loss(model, meta, images, seed, captions=captions)}
     if stage.low_res:
         hi = downsample(images, stage.size)
         low = downsample(images, stage.low_res)
         bicubic = upsample_bicubic(low, stage.size)
-        sr = sample_stage(model, meta, n=len(images), steps=stage.sampling.steps, eta=stage.sampling.eta,
-                          seed=seed, low=low, level=stage.augment.sample_level)
+        sr = sample_stage(model, meta, n=len(images), steps=s.steps, eta=s.eta, seed=seed, low=low,
+                          level=stage.augment.sample_level, guidance=s.guidance, threshold=s.dynamic_threshold,
+                          captions=captions if stage.conditioning == "text" else None)
         m_sr, m_bic = image_metrics(sr, hi), image_metrics(bicubic, hi)
         metrics.update({f"eval/{k}": v for k, v in m_sr.items()})
         metrics.update({f"eval/bicubic_{k}": v for k, v in m_bic.items()})
@@ -167,8 +183,17 @@ def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracki
                  len(images), m_sr["psnr"], m_sr["ssim"], m_bic["psnr"], m_bic["ssim"])
     chain = load_cascade(export)
     n_cls = int(chain[0][1]["extra"]["num_classes"])
+    templates = class_captions(test["caption"], test["label"], n_cls)
     labels = torch.arange(16) % n_cls
-    outs = sample_cascade(chain, labels, seed + 1)
+    outs = sample_cascade(chain, labels, seed + 1, captions=[templates[int(y)] for y in labels])
     grid = torch.stack([nearest(o, stage.size) for o in outs], dim=1).flatten(0, 1)
     _log_png(run_id, image_grid(grid, nrow=2 * len(outs), scale=4), "samples/cascade_grid.png")
+    classifier = _classifier(ctx)
+    if classifier is not None and stage.size == h:  # the classifier reads images at the data resolution
+        labels = torch.as_tensor(test["label"][:n], dtype=torch.long)
+        final = sample_cascade(chain, labels, seed + 2, captions=captions)[-1]
+        metrics["eval/cascade_class_accuracy"] = float((classify(classifier, final) == labels).float().mean())
+        log.info("[%s] class accuracy of %d cascade samples (%s): %.3f", name, n,
+                 "from held-out captions" if stage.conditioning == "text" else "class-conditional",
+                 metrics["eval/cascade_class_accuracy"])
     return export, metrics

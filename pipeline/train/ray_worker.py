@@ -75,7 +75,8 @@ def build_task(config: dict[str, Any]):
     if kind == "superres":
         from pipeline.train.superres_task import SuperResTask
 
-        return SuperResTask(stage, num_classes=config["num_classes"], data=config["data_info"])
+        return SuperResTask(stage, num_classes=config["num_classes"], data=config["data_info"],
+                            text_encoder=config.get("text_encoder"))
     if kind == "controlnet":
         from pipeline.train.controlnet_task import ControlNetTask
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.diffusion import Schedule, ddim_step, sample_ancestral, sample_ddim, sample_langevin
+from pipeline.diffusion import Schedule, ddim_step, dynamic_threshold, sample_ancestral, sample_ddim, sample_langevin
 
 F64 = torch.float64
 SD = 0.5  # data ~ N(0, SD²)
@@ -192,3 +192,30 @@ def test_learned_sigma_endpoints_match_fixed_variances(v, var_type):
     )
     assert torch.allclose(out, fixed, atol=1e-5)
     assert calls[-1] == (20, 20) and len(calls) == 20
+
+
+def test_dynamic_threshold_leaves_in_range_samples_and_rescales_saturated_ones():
+    inside = torch.tensor([[0.5, -0.9, 0.99, 0.0]])
+    assert torch.equal(dynamic_threshold(inside, 0.9), inside)  # s = max(1, q) = 1: a plain clip that clips nothing
+    big = torch.tensor([[4.0, -2.0, 1.0, 0.5, 3.0]], dtype=F64)
+    s = torch.quantile(big.abs(), 0.75)  # |x| = 4, 2, 1, 0.5, 3 → 75th percentile 3
+    assert float(s) == 3.0
+    expect = torch.tensor([[3.0, -2.0, 1.0, 0.5, 3.0]], dtype=F64) / 3.0  # clip to ±3, then divide by 3
+    assert torch.allclose(dynamic_threshold(big, 0.75), expect)
+    both = dynamic_threshold(torch.cat([inside.double(), big[:, :4]]), 0.75)  # per sample, not per batch
+    assert torch.equal(both[0], inside[0].double())
+
+
+def test_ddim_with_dynamic_threshold_keeps_the_predicted_x0_in_range():
+    """A model whose x̂₀ is far outside [-1, 1]: unthresholded DDIM lands there, thresholded DDIM in [-1, 1]."""
+    s = Schedule.make("linear", 100)
+
+    def x0_model(x, t):  # predicts x̂₀ = 5·sign pattern (x0 parameterisation)
+        return 5.0 * torch.ones_like(x).cumsum(-1).remainder(2).mul(2).sub(1)
+
+    xT = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    plain = sample_ddim(x0_model, s, xT, 10, parameterization="x0")
+    thresh = sample_ddim(x0_model, s, xT, 10, parameterization="x0", threshold=0.995)
+    assert plain.abs().max() > 4.9
+    assert thresh.abs().max() <= 1.0 + 1e-9
+    assert torch.allclose(thresh, plain / 5.0, atol=1e-9)  # the last step returns the rescaled x̂₀ exactly
