@@ -183,3 +183,86 @@ def test_residual_round_trip_and_task_target():
     torch.testing.assert_close(x0, (target - cond) / 0.2)
     assert torch.equal(c, cond) and torch.equal(idx, idx2)
     assert task.export_extra()["residual_scale"] == 0.2
+
+
+TEXT_ENC = {"name": "trainable", "args": {"tokenizer": "byte", "width": 16, "depth": 1, "heads": 2, "max_length": 12}}
+CAPS = ["a handwritten digit three", "a handwritten seven", "the digit one", "a small scan of a five"]
+
+
+def _text_task(low_res: int | None):
+    stage = {**STAGE, "low_res": low_res, "conditioning": "text", "diffusion": {**STAGE["diffusion"],
+                                                                              "label_dropout": 0.5}}
+    return SuperResTask(stage, num_classes=7, data={"channels": 3, "cascade_input": None}, text_encoder=TEXT_ENC)
+
+
+@pytest.mark.parametrize("low_res", [None, 4])
+def test_text_stage_feeds_captions_with_cfg_dropout(low_res):
+    """Imagen-style stage: the U-Net sees the caption context (∅ = "" for dropped captions), SR also the level."""
+    from pipeline.models.text import captions_to_bytes
+
+    task = _text_task(low_res)
+    model = task.build_model()
+    assert model.denoiser.context_dim == 16
+    assert (model.denoiser.label_embed is None) == (low_res is None)  # a text base takes no class labels
+    seen = {}
+    model.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.zeros(4, dtype=torch.long),
+             "caption_bytes": captions_to_bytes(CAPS)}
+    loss, _ = task.loss(model, batch, gen)
+    assert torch.isfinite(loss)
+    ctx, _ = model.encode_text(CAPS)
+    null, _ = model.encode_text([""] * 4)
+    kept = [torch.allclose(seen["context"][i], ctx[i]) for i in range(4)]
+    dropped = [torch.allclose(seen["context"][i], null[i]) for i in range(4)]
+    assert all(k != d for k, d in zip(kept, dropped, strict=True))  # each caption is kept XOR replaced by ∅
+    assert any(kept) and any(dropped)  # label_dropout 0.5 over 4 captions with this seed
+    assert (seen.get("y") is None) == (low_res is None)
+    with pytest.raises(ValueError, match="no caption column"):
+        task.loss(model, {k: v for k, v in batch.items() if k != "caption_bytes"}, gen)
+
+
+def test_text_stage_sampling_is_cfg_of_the_two_predictions():
+    """sample_stage with guidance w on a text base = DDIM on (1+w)·f(x, c) − w·f(x, ∅) (eq. 40), computed directly."""
+    from pipeline.diffusion import sample_ddim
+    from pipeline.train.tasks import make_schedule
+
+    task = _text_task(None)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    meta = {"extra": task.export_extra()}
+    out = sample_stage(model, meta, n=2, steps=3, seed=4, captions=CAPS[:2], guidance=2.0, threshold=0.9)
+    g = torch.Generator().manual_seed(4)
+    xT = torch.randn((2, 3, 8, 8), generator=g)
+    ctx, _ = model.encode_text(CAPS[:2])
+    null, _ = model.encode_text(["", ""])
+
+    def fn(x, t):
+        return 3.0 * model(x, t, context=ctx) - 2.0 * model(x, t, context=null)
+
+    ref = sample_ddim(fn, make_schedule(task.diffusion), xT, 3, parameterization="v", threshold=0.9).clamp(-1, 1)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="samples from 2 captions"):
+        sample_stage(model, meta, n=2, steps=1, seed=0)
+
+
+def test_cascade_spec_rules_for_guidance_and_thresholds():
+    from pydantic import ValidationError
+
+    from pipeline.config import SuperResStage
+
+    base = {"kind": "superres", "size": 16, "low_res": 8, "needs": ["b"], "model": {"name": "unet"},
+            "train": {"steps": 1, "batch_size": 2}, "register": {"name": "sr"}}
+    SuperResStage(**{**base, "sampling": {"dynamic_threshold": 0.995}})
+    for extra, msg in [({"sampling": {"guidance": 2.0}}, "no ∅ condition"),
+                       ({"residual_scale": 0.2, "sampling": {"dynamic_threshold": 0.99}}, "predicts a residual"),
+                       ({"sampling": {"dynamic_threshold": 0.3}}, "greater than 0.5"),
+                       ({"sampling": {"sampler": "ancestral"}}, "DDIM"),
+                       ({"conditioning": "text", "model": {"name": "unet", "args": {"num_classes": 3}}},
+                        "takes no class labels")]:
+        with pytest.raises(ValidationError, match=msg):
+            SuperResStage(**{**base, **extra})
+    text = SuperResStage(**{**base, "conditioning": "text", "sampling": {"guidance": 2.0}})
+    assert text.text_encoder.name == "trainable"  # guidance on the caption is allowed, the encoder defaulted

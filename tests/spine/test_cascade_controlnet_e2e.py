@@ -1,4 +1,4 @@
-"""The cascade and ControlNet jobs end to end, shrunk: real Ray, DeepSpeed, MLflow registry and shards."""
+"""The cascade, Imagen and ControlNet jobs end to end, shrunk: real Ray, DeepSpeed, MLflow registry and shards."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CASCADE = [
     "eval.num_samples=16",
     "stages.base.train.steps=6", "stages.base.train.checkpoint_every=6", "stages.base.sampling.steps=2",
+    "stages.sr16.train.steps=6", "stages.sr16.train.checkpoint_every=6", "stages.sr16.sampling.steps=2",
+    "stages.sr16.register.gate.min=-1.0",
+]
+IMAGEN = [  # the frozen MiniLM text encoder of the job (the `text` extra, installed by CI)
+    "eval.num_samples=16", "stages.classifier.train.steps=30", "stages.classifier.register.gate.min=0.0",
+    "stages.base.train.steps=6", "stages.base.train.checkpoint_every=6", "stages.base.sampling.steps=2",
+    "stages.base.register.gate.max=100.0",
     "stages.sr16.train.steps=6", "stages.sr16.train.checkpoint_every=6", "stages.sr16.sampling.steps=2",
     "stages.sr16.register.gate.min=-1.0",
 ]
@@ -45,7 +52,7 @@ def _champion_artifacts(db: Path, name: str) -> tuple[dict[str, float], list[str
 
 @pytest.mark.slow
 @pytest.mark.e2e_suite
-def test_cascade_and_controlnet_jobs(tmp_path):
+def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     (tmp_path / "cascade").mkdir()
     cascade = _run(tmp_path / "cascade", "cascade.yaml", CASCADE)
     assert cascade.returncode == 0, cascade.stdout[-3000:] + cascade.stderr[-3000:]
@@ -57,6 +64,16 @@ def test_cascade_and_controlnet_jobs(tmp_path):
     for k in ("eval/psnr", "eval/ssim", "eval/bicubic_psnr", "eval/bicubic_ssim", "eval/ssim_gain"):
         assert k in metrics, k
     assert metrics["eval/bicubic_psnr"] > 10  # bicubic upsampling of real crops is close to the truth
+
+    (tmp_path / "imagen").mkdir()
+    imagen = _run(tmp_path / "imagen", "imagen.yaml", IMAGEN)
+    assert imagen.returncode == 0, imagen.stdout[-3000:] + imagen.stderr[-3000:]
+    db = tmp_path / "imagen" / "mlflow.db"
+    for name in ("imagen-classifier", "imagen-base"):
+        _champion_artifacts(db, name)  # raises unless the stage registered a champion
+    metrics, artifacts = _champion_artifacts(db, "imagen-sr16")
+    assert {"samples/superres_grid.png", "samples/cascade_grid.png"} <= set(artifacts)
+    assert 0.0 <= metrics["eval/cascade_class_accuracy"] <= 1.0 and metrics["eval/bicubic_psnr"] > 10
 
     (tmp_path / "controlnet").mkdir()
     control = _run(tmp_path / "controlnet", "controlnet.yaml", CONTROLNET)
