@@ -1,5 +1,5 @@
 """jobs/distill.yaml end to end, shrunk: teacher with classifier guidance, progressive distillation, consistency
-distillation and training, then the `bench generation` table from the registered models."""
+distillation and training, then the `bench generation` table from the registered models; and jobs/dit.yaml."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ TINY = [
     "stages.consistency_distill.register.gate.min=0.0",
     "stages.consistency_train.levels=6", "stages.consistency_train.train.steps=5",
     "stages.consistency_train.register.gate.min=0.0",
+]
+
+DIT_TINY = [
+    "eval.num_samples=20",
+    "stages.autoencoder.train.steps=20", "stages.autoencoder.train.checkpoint_every=20",
+    "stages.autoencoder.register.gate.max=1.0",
+    "stages.classifier.train.steps=20", "stages.classifier.register.gate.min=0.0",
+    "stages.diffusion.train.steps=10", "stages.diffusion.train.checkpoint_every=10",
+    "stages.diffusion.sampling.steps=2", "stages.diffusion.register.gate.min=0.0",
 ]
 
 
@@ -84,3 +93,21 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     assert any(r["sampler"] == "DDIM + classifier guidance" for r in rows)
     assert all(0.0 <= r["class acc"] <= 1.0 for r in rows)
     assert "| model |" in bench.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.e2e_suite
+def test_dit_job_registers_a_class_conditional_dit_on_the_latents(tmp_path):
+    run = _pipeline(tmp_path, "run", str(ROOT / "jobs" / "dit.yaml"), *[a for s in DIT_TINY for a in ("--set", s)])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("dit-autoencoder", "dit-classifier"):
+        client.get_model_version_by_alias(name, "champion")
+    mv = client.get_model_version_by_alias("dit", "champion")
+    assert mv.tags["pipeline.input.autoencoder"].startswith("models:/dit-autoencoder/")  # through encode
+    assert "grid.png" in {Path(a.path).name for a in client.list_artifacts(mv.run_id, "samples")}
+    metrics = client.get_run(mv.run_id).data.metrics
+    assert 0.0 <= metrics["eval/class_accuracy"] <= 1.0 and "eval/fid" in metrics
