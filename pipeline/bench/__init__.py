@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "pipeline.bench.e2e",
     "ksparse-filters": "pipeline.bench.ksparse_filters",
     "generation": "pipeline.bench.generation",
+    "cascade": "pipeline.bench.cascade",
 }
 
 RESULTS_DIR = Path("bench-results")
