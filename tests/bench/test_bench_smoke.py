@@ -24,3 +24,16 @@ def test_sampling_quick_writes_json(tmp_path, capsys):
     assert r["ratios"]["ddim50_ours_vs_diffusers_speed"] > 0
     assert r["ratios"]["ddim50_max_abs_diff"] < 1e-3  # same algorithm, same denoiser and inputs
     assert "| sampler |" in capsys.readouterr().out
+
+
+def test_cascade_bench_saturation_share_and_registry():
+    import torch
+
+    from pipeline.bench import BENCHMARKS
+    from pipeline.bench.cascade import _parse, saturated_share
+
+    x = torch.tensor([[-1.0, -0.99, 0.5, 0.0], [0.98, 0.2, 1.0, -0.3]])
+    assert saturated_share(x) == 4 / 8  # -1, -0.99, 0.98, 1.0
+    assert BENCHMARKS["cascade"] == "pipeline.bench.cascade"
+    args = _parse(["jobs/imagen.yaml", "--thresholds", "none,0.995"])
+    assert args.thresholds.split(",") == ["none", "0.995"] and args.guidance == "0,1,3,6"
