@@ -73,8 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{tracking.redact(uri)}`")
     names = [s.registry.name for s in spec.stages.values() if hasattr(s, "registry") and s.kind != "encode"]
     print("Registered models (alias champion): " + ", ".join(f"models:/{n}@champion" for n in names))
+    how = ('--caption "a handwritten digit three" --num 8' if list(spec.stages.values())[-1].kind == "unclip_decoder"
+           else "--label 3")
     print("Sample grids: the artifacts samples/*.png of each stage's run; draw a new one with\n"
-          f"  pipeline sample models:/{names[-1]}@champion --label 3 --out grid.png")
+          f"  pipeline sample models:/{names[-1]}@champion {how} --out grid.png")
     return 0
 
 
@@ -125,7 +127,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _connect(args.tracking_uri)
     ref = tracking.resolve(args.model)
-    gen = load_generator(tracking.download(ref))
+    model_dir = tracking.download(ref)
+    if _is_unclip_decoder(model_dir):  # text → CLIP → prior → decoder (eq. 49)
+        return _sample_unclip(args, ref, model_dir)
+    if args.caption:
+        raise SystemExit("error: --caption samples unCLIP decoders (kind unclip_decoder); this model takes --label")
+    gen = load_generator(model_dir)
     if args.label is not None:
         if not 0 <= args.label < gen.num_classes:
             raise SystemExit(f"error: --label must be in [0, {gen.num_classes - 1}]")
@@ -139,6 +146,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     Path(args.out).write_bytes(image_grid(x, nrow=args.nrow, scale=4))
     guided = f", classifier guidance {args.classifier_scale:g} ({args.classifier})" if cond_fn else ""
     print(f"{len(x)} samples of {ref.name} v{ref.version}{guided} → {args.out}")
+    return 0
+
+
+def _is_unclip_decoder(model_dir) -> bool:
+    from pipeline.train.export import read_meta
+
+    return read_meta(model_dir)["extra"].get("kind") == "unclip_decoder"
+
+
+def _sample_unclip(args: argparse.Namespace, ref, model_dir) -> int:
+    """`pipeline sample` for an unCLIP decoder: `--num` samples of each `--caption`, one row per caption."""
+    from pipeline.eval import image_grid
+    from pipeline.stages.unclip import sample_unclip
+
+    if not args.caption:
+        raise SystemExit('error: an unCLIP decoder samples from text: give --caption "a handwritten digit three" '
+                         "(repeatable)")
+    if args.label is not None or args.classifier:
+        raise SystemExit("error: an unCLIP decoder takes --caption, not --label or --classifier")
+    captions = [c for c in args.caption for _ in range(args.num)]
+    x = sample_unclip(model_dir, captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                      eta=args.eta, seed=args.seed)
+    Path(args.out).write_bytes(image_grid(x, nrow=args.num, scale=4))
+    print(f"{len(x)} samples of {ref.name} v{ref.version} from {len(args.caption)} caption(s) → {args.out}")
     return 0
 
 
@@ -363,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
     s.add_argument("--label", type=int, default=None, help="class to draw (default: all classes)")
+    s.add_argument("--caption", action="append", default=None,
+                   help="unCLIP decoders: a caption to draw --num samples of (repeatable, one row each)")
     s.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--num", type=int, default=64)

@@ -418,9 +418,102 @@ def _check_prior_input(spec: JobSpec, name: str, stage: Any) -> None:
                          f"but '{stage.needs[0]}' is not one")
 
 
+def _check_unclip_diffusion(diffusion: DiffusionSpec, sampling: SamplingSpec) -> None:
+    if diffusion.loss != "simple" or diffusion.learn_sigma:
+        raise ValueError("unCLIP stages train with diffusion.loss: simple and learn_sigma: false")
+    if sampling.classifier or sampling.classifier_scale:
+        raise ValueError("unCLIP stages support classifier-free guidance only; remove sampling.classifier "
+                         "and sampling.classifier_scale")
+
+
+class ClipStage(_TrainedStage):
+    """unCLIP's CLIP (notes 2.6.2): an image encoder and a text encoder trained contrastively on captioned images."""
+
+    kind: Literal["clip"]
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="clip"))
+    text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _clip_model(self) -> ClipStage:
+        if self.needs:
+            raise ValueError("a clip stage trains on the captioned data alone; remove `needs`")
+        if self.model.name != "clip":
+            raise ValueError(f"model.name is {self.model.name!r}; a clip stage trains the `clip` model")
+        if "text_encoder" in self.model.args:
+            raise ValueError("set the text encoder with the stage's `text_encoder` key, not model.args.text_encoder")
+        from pipeline.models.text import check_text_encoder_spec
+
+        try:
+            check_text_encoder_spec(self.text_encoder.model_dump())
+        except (ValueError, ImportError) as exc:
+            raise ValueError(f"text_encoder: {exc}") from None
+        return self
+
+
+class ClipPriorStage(_TrainedStage):
+    """unCLIP's diffusion prior P(c_i | y) (eq. 49) over the image embeddings of its one needed clip stage."""
+
+    kind: Literal["clip_prior"]
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="clip_prior"))
+    diffusion: DiffusionSpec = Field(default_factory=lambda: DiffusionSpec(parameterization="x0"))
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _prior(self) -> ClipPriorStage:
+        if len(self.needs) != 1:
+            raise ValueError("a clip_prior stage needs exactly one stage: the clip stage whose embeddings it models")
+        _check_unclip_diffusion(self.diffusion, self.sampling)
+        return self
+
+
+class UnclipDecoderStage(_TrainedStage):
+    """unCLIP's decoder P(x | c_i) (eq. 49), sampled text → prior → decoder; needs a clip and a clip_prior stage."""
+
+    kind: Literal["unclip_decoder"]
+    model: ModelSpec
+    embedding_tokens: int = Field(4, ge=1)  # context tokens projected from the image embedding
+    context_dim: int = Field(64, ge=1)  # their width (the denoiser's cross-attention context_dim)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    train: TrainSpec
+
+    @model_validator(mode="after")
+    def _decoder(self) -> UnclipDecoderStage:
+        if len(self.needs) != 2:
+            raise ValueError("an unclip_decoder stage needs exactly two stages: the clip stage and the clip_prior "
+                             "stage trained on it")
+        if self.model.args.get("num_classes"):
+            raise ValueError("the unCLIP decoder takes no class labels; remove model.args.num_classes")
+        _check_unclip_diffusion(self.diffusion, self.sampling)
+        return self
+
+
+def _check_unclip_inputs(spec: JobSpec, name: str, stage: Any) -> None:
+    """A clip_prior needs a clip stage; a decoder needs a clip stage and a clip_prior trained on that one."""
+    kinds = {n: spec.stages[n].kind for n in stage.needs}
+    if stage.kind == "clip_prior" and kinds[stage.needs[0]] != "clip":
+        raise ValueError(f"stages.{name}.needs: a clip_prior stage needs a clip stage, but '{stage.needs[0]}' "
+                         f"is a {kinds[stage.needs[0]]} stage")
+    if stage.kind == "unclip_decoder":
+        clips = [n for n, k in kinds.items() if k == "clip"]
+        priors = [n for n, k in kinds.items() if k == "clip_prior"]
+        if len(clips) != 1 or len(priors) != 1:
+            raise ValueError(f"stages.{name}.needs: an unclip_decoder stage needs one clip stage and one clip_prior "
+                             f"stage, got {', '.join(f'{n} ({k})' for n, k in kinds.items())}")
+        if spec.stages[priors[0]].needs != clips:
+            raise ValueError(f"stages.{name}.needs: the clip_prior stage '{priors[0]}' was trained on "
+                             f"'{spec.stages[priors[0]].needs[0]}', not on '{clips[0]}'; the prior and the decoder "
+                             "must share one clip stage")
+
+
 Stage = Annotated[
     AutoencoderStage | ClassifierStage | EncodeStage | DiffusionStage | DistillStage | SuperResStage
-    | ControlNetStage | ConsistencyStage | PriorStage,
+    | ControlNetStage | ConsistencyStage | PriorStage | ClipStage | ClipPriorStage | UnclipDecoderStage,
     Field(discriminator="kind"),
 ]
 
@@ -501,6 +594,8 @@ class JobSpec(_Strict):
             _check_text_teacher(self, name, stage)
             if stage.kind == "prior":
                 _check_prior_input(self, name, stage)
+            if stage.kind in ("clip_prior", "unclip_decoder"):
+                _check_unclip_inputs(self, name, stage)
         if self.eval.classifier is not None and self.eval.classifier not in self.stages:
             raise ValueError(f"eval.classifier '{self.eval.classifier}' is not a stage of this job")
         return self
@@ -563,7 +658,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 _STAGE_KINDS = {"autoencoder", "classifier", "encode", "diffusion", "distill", "superres", "controlnet",
-                "consistency", "prior"}
+                "consistency", "prior", "clip", "clip_prior", "unclip_decoder"}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:

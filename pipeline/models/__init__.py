@@ -72,6 +72,7 @@ from pipeline.models import text  # noqa: E402, F401  (text encoders; minilm's p
 from pipeline.models import mlp_ae  # noqa: E402, F401
 from pipeline.models import pixelcnn, vqvae  # noqa: E402, F401
 from pipeline.models import tdvae  # noqa: E402, F401
+from pipeline.models import clip  # noqa: E402, F401  (unCLIP: CLIP pair, prior, decoder)
 from pipeline.models.autoencoder import KLAutoencoder  # noqa: E402
 from pipeline.models.classifier import NoisyClassifier  # noqa: E402
 from pipeline.models.controlnet import ControlNet  # noqa: E402

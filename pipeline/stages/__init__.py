@@ -530,6 +530,9 @@ from pipeline.stages.prior import run_prior  # noqa: E402
 from pipeline.stages.superres import run_superres  # noqa: E402
 
 RUNNERS.update(superres=run_superres, controlnet=run_controlnet, consistency=run_consistency, prior=run_prior)
+from pipeline.stages.unclip import unclip_runners  # noqa: E402
+
+RUNNERS.update(unclip_runners())  # clip, clip_prior, unclip_decoder (notes 2.6.2, eq. 49)
 
 
 # ----------------------------------------------------------------------------- driver

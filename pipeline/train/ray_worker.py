@@ -91,6 +91,14 @@ def build_task(config: dict[str, Any]):
 
         vq, meta = load_exported(_download(config["inputs"]["autoencoder"]["uri"], config.get("tracking_uri")))
         return PriorTask(stage, vq, meta, num_classes=config["num_classes"], data=config["data_info"])
+    if kind in ("clip", "clip_prior", "unclip_decoder"):  # unCLIP (eq. 49); the prior and decoder on a frozen CLIP
+        from pipeline.train import unclip_task
+
+        if kind == "clip":
+            return unclip_task.ClipTask(stage, config["text_encoder"], in_channels=config["in_channels"])
+        clip, meta = load_exported(_download(config["inputs"]["clip"]["uri"], config.get("tracking_uri")))
+        task = unclip_task.ClipPriorTask if kind == "clip_prior" else unclip_task.ClipDecoderTask
+        return task(stage, clip, meta, data=config["data_info"])
     raise ValueError(f"no training task for stage kind '{kind}'")
 
 

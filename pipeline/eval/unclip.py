@@ -1,0 +1,126 @@
+"""Sampling unCLIP (notes 2.6.2): text → CLIP text embedding → prior → image embedding → decoder → image.
+
+Eq. 49, P(x | y) = P(x | c_i, y) P(c_i | y): c_i is drawn from the diffusion prior given the text embedding
+of y, then x from the decoder given c_i. Both are DDIM (eq. 43) or ancestral samplers over the model's own
+schedule, with classifier-free guidance (eq. 40) against the zero embedding, their ∅ condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.diffusion import Schedule, classifier_free, sample_ancestral, sample_ddim
+from pipeline.models.clip import from_diffusion_space
+
+
+def guided_fn(model_fn_c: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, guidance: float
+              ) -> Callable[[Tensor, Tensor], Tensor]:
+    """``fn(x, t)`` of a model conditioned on embeddings ``cond`` (B, D); with ``guidance`` > 0 classifier-free
+    guided (eq. 40) against the zero embedding (the ∅ condition)."""
+    if guidance:
+        return classifier_free(model_fn_c, cond, 0.0, guidance)
+    return lambda x, t: model_fn_c(x, t, cond)
+
+
+def _sample(fn: Callable[[Tensor, Tensor], Tensor], diffusion: dict[str, Any], xT: Tensor, *, steps: int,
+            sampler: str, eta: float, generator: torch.Generator) -> Tensor:
+    schedule = Schedule.make(diffusion.get("schedule", "cosine"), int(diffusion.get("timesteps", 1000)))
+    param = diffusion.get("parameterization", "eps")
+    if sampler == "ddim":
+        return sample_ddim(fn, schedule, xT, steps, eta=eta, parameterization=param, generator=generator)
+    if sampler == "ancestral":
+        return sample_ancestral(fn, schedule.respace(steps), xT, parameterization=param, generator=generator)
+    raise ValueError(f"unknown sampler '{sampler}' (expected ddim or ancestral)")
+
+
+@torch.no_grad()
+def sample_prior(prior: nn.Module, meta: dict[str, Any], text_emb: Tensor, *, steps: int, guidance: float = 0.0,
+                 sampler: str = "ddim", eta: float = 0.0, seed: int = 0, batch_size: int = 500) -> Tensor:
+    """Unit-norm image embeddings (N, D) drawn from the prior P(c_i | y) given text embeddings (N, D)."""
+    g = torch.Generator().manual_seed(seed)
+    d = meta["extra"]["diffusion"]
+    out = []
+    for cond in text_emb.split(batch_size):
+        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
+        fn = guided_fn(lambda x, t, c: prior(x, t, y=c), cond, guidance)
+        out.append(from_diffusion_space(_sample(fn, d, xT, steps=steps, sampler=sampler, eta=eta, generator=g)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_decoder(decoder: nn.Module, meta: dict[str, Any], image_emb: Tensor, *, steps: int,
+                   guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+                   batch_size: int = 250) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] drawn from the decoder P(x | c_i) given image embeddings (N, D)."""
+    g = torch.Generator().manual_seed(seed)
+    d = meta["extra"]["diffusion"]
+    out = []
+    for cond in image_emb.split(batch_size):
+        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
+        fn = guided_fn(lambda x, t, c: decoder(x, t, embedding=c), cond, guidance)
+        out.append(_sample(fn, d, xT, steps=steps, sampler=sampler, eta=eta, generator=g).float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_to_image(clip: nn.Module, prior: nn.Module, prior_meta: dict[str, Any], decoder: nn.Module,
+                  decoder_meta: dict[str, Any], captions: Sequence[str], *, prior_kw: dict[str, Any],
+                  decoder_kw: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """unCLIP sampling (eq. 49): ``(images (N, C, H, W), the image embeddings they were decoded from (N, D))``.
+
+    ``prior_kw`` / ``decoder_kw``: keyword arguments of :func:`sample_prior` / :func:`sample_decoder`
+    (steps, guidance, sampler, eta, seed).
+    """
+    text_emb = encode_texts(clip, captions)
+    image_emb = sample_prior(prior, prior_meta, text_emb, **prior_kw)  # c_i ~ P(c_i | y)
+    return sample_decoder(decoder, decoder_meta, image_emb, **decoder_kw), image_emb  # x ~ P(x | c_i)
+
+
+@torch.no_grad()
+def encode_images(clip: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Unit-norm CLIP image embeddings (N, D) of images (N, C, H, W)."""
+    return torch.cat([clip.encode_image(x.float()) for x in images.split(batch_size)])
+
+
+@torch.no_grad()
+def encode_texts(clip: nn.Module, captions: Sequence[str], batch_size: int = 500) -> Tensor:
+    """Unit-norm CLIP text embeddings (N, D) of captions."""
+    captions = list(captions)
+    return torch.cat([clip.encode_text(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)])
+
+
+@torch.no_grad()
+def class_text_embeddings(clip: nn.Module, captions: Sequence[str], labels: Sequence[int], num_classes: int
+                          ) -> Tensor:
+    """One unit-norm text embedding per class (K, D): the normalised mean of the embeddings of that class's
+    distinct captions (CLIP's prompt ensembling). A class without captions gets the zero vector."""
+    per_class: dict[int, list[str]] = {}
+    for c, y in zip(captions, labels, strict=True):
+        if c not in per_class.setdefault(int(y), []):
+            per_class[int(y)].append(str(c))
+    dim = int(clip.embed_dim)
+    rows = [F.normalize(encode_texts(clip, per_class[k]).mean(0), dim=-1) if per_class.get(k) else torch.zeros(dim)
+            for k in range(num_classes)]
+    return torch.stack(rows)
+
+
+def class_centroids(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Unit-norm mean embedding of each class (K, D) (zero for a class without samples)."""
+    sums = torch.zeros(num_classes, embeddings.shape[1]).index_add_(0, labels.long(), embeddings.float())
+    return F.normalize(sums, dim=-1)
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Mean row-wise cosine similarity of (N, D) tensors."""
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def cycle_indices(n: int, available: int) -> np.ndarray:
+    """Indices 0..available-1 repeated cyclically to length n."""
+    return np.arange(n) % available
