@@ -73,10 +73,12 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{tracking.redact(uri)}`")
     names = [s.registry.name for s in spec.stages.values() if hasattr(s, "registry") and s.kind != "encode"]
     print("Registered models (alias champion): " + ", ".join(f"models:/{n}@champion" for n in names))
-    how = ('--caption "a handwritten digit three" --num 8' if list(spec.stages.values())[-1].kind == "unclip_decoder"
-           else "--label 3")
-    print("Sample grids: the artifacts samples/*.png of each stage's run; draw a new one with\n"
-          f"  pipeline sample models:/{names[-1]}@champion {how} --out grid.png")
+    last = list(spec.stages.values())[-1]
+    text = last.kind == "unclip_decoder" or getattr(last, "conditioning", "class") == "text"
+    how = '--caption "a handwritten digit three" --num 8' if text else "--label 3"
+    print("Sample grids: the artifacts samples/*.png of each stage's run"
+          + ("" if last.kind in NOT_SAMPLED else f"; draw a new one with\n  pipeline sample "
+             f"models:/{names[-1]}@champion {how} --out grid.png"))
     return 0
 
 
@@ -128,11 +130,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _connect(args.tracking_uri)
     ref = tracking.resolve(args.model)
     model_dir = tracking.download(ref)
-    if _is_unclip_decoder(model_dir):  # text → CLIP → prior → decoder (eq. 49)
+    kind = _model_kind(model_dir)
+    if kind == "unclip_decoder":  # text → CLIP → prior → decoder (eq. 49)
         return _sample_unclip(args, ref, model_dir)
-    if args.caption:
-        raise SystemExit("error: --caption samples unCLIP decoders (kind unclip_decoder); this model takes --label")
+    if kind == "superres":  # the whole cascade ending at this stage
+        return _sample_cascade(args, ref, model_dir)
+    if kind in NOT_SAMPLED:
+        raise SystemExit(f"error: {ref.name} v{ref.version} is a {kind} model, which `pipeline sample` does not draw "
+                         f"from ({NOT_SAMPLED[kind]})")
     gen = load_generator(model_dir)
+    if hasattr(gen.model, "encode_text"):  # a text-conditioned diffusion model (conditioning: text)
+        return _sample_text(args, ref, gen)
+    if args.caption:
+        raise SystemExit("error: --caption needs a text-conditioned model (unCLIP decoder, conditioning: text); "
+                         "this model takes --label")
     if args.label is not None:
         if not 0 <= args.label < gen.num_classes:
             raise SystemExit(f"error: --label must be in [0, {gen.num_classes - 1}]")
@@ -149,10 +160,69 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_unclip_decoder(model_dir) -> bool:
+#: model kinds `pipeline sample` refuses, and why
+NOT_SAMPLED = {"autoencoder": "not a generator of its own", "classifier": "not a generator",
+               "clip": "an encoder pair; sample its unCLIP decoder", "clip_prior": "it samples image embeddings; "
+               "sample its unCLIP decoder", "controlnet": "it needs control images",
+               "prior": "a PixelCNN over VQ codes"}
+
+
+def _model_kind(model_dir) -> str | None:
     from pipeline.train.export import read_meta
 
-    return read_meta(model_dir)["extra"].get("kind") == "unclip_decoder"
+    return read_meta(model_dir)["extra"].get("kind")
+
+
+def _captions(args: argparse.Namespace, what: str) -> list[str]:
+    """``--num`` copies of each ``--caption`` (one grid row per caption), after checking the options fit."""
+    if not args.caption:
+        raise SystemExit(f'error: {what} samples from text: give --caption "a handwritten digit three" (repeatable)')
+    if args.label is not None or args.classifier:
+        raise SystemExit(f"error: {what} takes --caption, not --label or --classifier")
+    return [c for c in args.caption for _ in range(args.num)]
+
+
+def _sample_text(args: argparse.Namespace, ref, gen) -> int:
+    """`pipeline sample` for a text-conditioned diffusion model: ``--num`` samples of each ``--caption``."""
+    from pipeline.eval import image_grid
+    from pipeline.eval.text import generate_from_captions
+
+    captions = _captions(args, "a text-conditioned model")
+    x = generate_from_captions(gen, captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                               eta=args.eta, seed=args.seed)
+    Path(args.out).write_bytes(image_grid(x, nrow=args.num, scale=4))
+    print(f"{len(x)} samples of {ref.name} v{ref.version} from {len(args.caption)} caption(s) → {args.out}")
+    return 0
+
+
+def _sample_cascade(args: argparse.Namespace, ref, model_dir) -> int:
+    """`pipeline sample` for a cascade stage: the whole registered cascade up to it, each stage with its own
+    registered sampling settings; ``--caption`` for text-conditioned cascades, else ``--label``."""
+    import torch
+
+    from pipeline.eval import image_grid
+    from pipeline.stages.superres import load_cascade, sample_cascade
+
+    chain = load_cascade(model_dir)
+    if args.steps is not None or args.guidance or args.sampler != "ddim" or args.eta:
+        raise SystemExit("error: a cascade samples with each stage's registered settings (DDIM steps, guidance, "
+                         "dynamic threshold); drop --steps/--guidance/--sampler/--eta")
+    if any(m["extra"].get("conditioning") == "text" for _, m in chain):
+        captions = _captions(args, "a text-conditioned cascade")
+        labels, nrow = torch.zeros(len(captions), dtype=torch.long), args.num
+    else:
+        if args.caption or args.classifier:
+            raise SystemExit("error: this cascade is class-conditional: it takes --label (no --caption/--classifier)")
+        n_cls = int(chain[0][1]["extra"]["num_classes"])
+        if args.label is not None and not 0 <= args.label < n_cls:
+            raise SystemExit(f"error: --label must be in [0, {n_cls - 1}]")
+        labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % n_cls
+        captions, nrow = None, args.nrow
+    x = sample_cascade(chain, labels, args.seed, captions=captions)[-1]
+    Path(args.out).write_bytes(image_grid(x, nrow=nrow, scale=4))
+    sizes = " → ".join(f"{m['extra']['size']}px" for _, m in chain)
+    print(f"{len(x)} samples of the cascade {sizes} ending at {ref.name} v{ref.version} → {args.out}")
+    return 0
 
 
 def _sample_unclip(args: argparse.Namespace, ref, model_dir) -> int:
@@ -395,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
     s.add_argument("--label", type=int, default=None, help="class to draw (default: all classes)")
     s.add_argument("--caption", action="append", default=None,
-                   help="unCLIP decoders: a caption to draw --num samples of (repeatable, one row each)")
+                   help="text-conditioned models (unCLIP decoders, conditioning: text, text cascades): a caption to "
+                        "draw --num samples of (repeatable, one row each)")
     s.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--num", type=int, default=64)

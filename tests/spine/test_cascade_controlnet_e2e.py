@@ -32,13 +32,23 @@ CONTROLNET = [
 ]
 
 
-def _run(cwd: Path, job: str, overrides: list[str]) -> subprocess.CompletedProcess:
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    args = [a for item in overrides for a in ("--set", item)]
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / job), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _run(cwd: Path, job: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    return _cli(cwd, "run", str(ROOT / "jobs" / job), *[a for item in overrides for a in ("--set", item)])
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
 
 
 def _champion_artifacts(db: Path, name: str) -> tuple[dict[str, float], list[str]]:
@@ -64,6 +74,12 @@ def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     for k in ("eval/psnr", "eval/ssim", "eval/bicubic_psnr", "eval/bicubic_ssim", "eval/ssim_gain"):
         assert k in metrics, k
     assert metrics["eval/bicubic_psnr"] > 10  # bicubic upsampling of real crops is close to the truth
+    grid = tmp_path / "cascade" / "sampled.png"
+    sample = _cli(tmp_path / "cascade", "sample", "models:/cascade-sr16@champion", "--label", "2", "--num", "3",
+                  "--nrow", "3", "--out", str(grid))
+    assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
+    # three 16x16 final images in one row, 1-pixel borders, scaled 4x: the whole cascade was sampled
+    assert "cascade 8px → 16px" in sample.stdout and _png_size(grid) == ((3 * 17 + 1) * 4, (17 + 1) * 4)
 
     (tmp_path / "imagen").mkdir()
     imagen = _run(tmp_path / "imagen", "imagen.yaml", IMAGEN)
@@ -74,6 +90,13 @@ def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     metrics, artifacts = _champion_artifacts(db, "imagen-sr16")
     assert {"samples/superres_grid.png", "samples/cascade_grid.png"} <= set(artifacts)
     assert 0.0 <= metrics["eval/cascade_class_accuracy"] <= 1.0 and metrics["eval/bicubic_psnr"] > 10
+    grid = tmp_path / "imagen" / "sampled.png"
+    sample = _cli(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion", "--caption", "a handwritten two",
+                  "--caption", "the digit five, written by hand", "--num", "2", "--out", str(grid))
+    assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
+    assert "4 samples of the cascade" in sample.stdout and grid.stat().st_size > 0
+    no_text = _cli(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion", "--label", "2")
+    assert no_text.returncode != 0 and "give --caption" in no_text.stderr
 
     (tmp_path / "controlnet").mkdir()
     control = _run(tmp_path / "controlnet", "controlnet.yaml", CONTROLNET)
