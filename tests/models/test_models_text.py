@@ -229,6 +229,29 @@ def test_caption_table_generation_matches_direct_cfg():
     assert class_captions(["c0", "c1", "c0b"], [0, 2, 0], 3) == ["c0", "", "c1"]
 
 
+def test_cli_sample_draws_each_caption_of_a_text_model(tmp_path):
+    """`pipeline sample --caption` on a text-conditioned model: --num samples per caption, one grid row each."""
+    import argparse
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pipeline.cli import _sample_text
+    from pipeline.eval import Generator
+
+    model = _text_unet(build_vocab(DIGIT_CAPTIONS)).eval()
+    meta = {"extra": {"diffusion": {"schedule": "cosine", "timesteps": 100, "parameterization": "eps"},
+                      "num_classes": 10, "sample_shape": [1, 8, 8], "latent_scale": 1.0}}
+    out = tmp_path / "g.png"
+    args = argparse.Namespace(caption=DIGIT_CAPTIONS[:2], num=3, label=None, classifier=None, steps=2, guidance=1.0,
+                              sampler="ddim", eta=0.0, seed=0, out=str(out))
+    assert _sample_text(args, SimpleNamespace(name="m", version="1"), Generator(model, meta)) == 0
+    with Image.open(out) as im:
+        assert im.size == ((3 * 9 + 1) * 4, (2 * 9 + 1) * 4)  # 3 per row, 2 rows of 8x8 + borders, scaled 4x
+    with pytest.raises(SystemExit, match="not --label"):
+        _sample_text(argparse.Namespace(**{**vars(args), "label": 3}), None, Generator(model, meta))
+
+
 # ----------------------------------------------------------------------------- captions through the data path
 
 
