@@ -75,6 +75,13 @@ def run_pipeline(cwd: Path, *args: str, timeout: float = 600, env: dict[str, str
                           timeout=timeout, start_new_session=True)
 
 
+def run_job(cwd: Path, job: str, overrides: list[str] = (), timeout: float = 1800, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `pipeline run jobs/JOB --set O1 --set O2 ...` in `cwd` (a shipped job file, shrunk by `overrides`)."""
+    sets = [a for item in overrides for a in ("--set", item)]
+    return run_pipeline(cwd, "run", str(ROOT / "jobs" / job), *sets, timeout=timeout, env=env)
+
+
 def listing(path: Path) -> set[str]:
     """Every path under `path`, relative (to show that a failed command wrote nothing)."""
     return {str(p.relative_to(path)) for p in path.rglob("*")}

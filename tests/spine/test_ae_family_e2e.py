@@ -6,23 +6,10 @@ so one Ray session trains two objectives; both must be registered as champions a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pipeline(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+from tests.reliability.helpers import ROOT, run_job
 
 
 @pytest.mark.slow
@@ -35,8 +22,7 @@ def test_vae_and_ksparse_jobs_register_champions_that_beat_the_mean_image(tmp_pa
         "stages.autoencoder.objective.iw_samples=16",
         f"stages.ksparse={yaml.safe_dump(ksparse, default_flow_style=True, width=10_000).strip()}",
     ]
-    args = [a for item in overrides for a in ("--set", item)]
-    out = _pipeline(tmp_path, "run", str(ROOT / "jobs" / "vae.yaml"), *args)
+    out = run_job(tmp_path, "vae.yaml", overrides)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

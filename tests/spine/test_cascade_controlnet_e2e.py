@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import run_job, run_pipeline
 
 CASCADE = [
     "eval.num_samples=16",
@@ -32,18 +29,6 @@ CONTROLNET = [
 ]
 
 
-def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
-
-
-def _run(cwd: Path, job: str, overrides: list[str]) -> subprocess.CompletedProcess:
-    return _cli(cwd, "run", str(ROOT / "jobs" / job), *[a for item in overrides for a in ("--set", item)])
-
-
 def _png_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
@@ -64,7 +49,7 @@ def _champion_artifacts(db: Path, name: str) -> tuple[dict[str, float], list[str
 @pytest.mark.e2e_suite
 def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     (tmp_path / "cascade").mkdir()
-    cascade = _run(tmp_path / "cascade", "cascade.yaml", CASCADE)
+    cascade = run_job(tmp_path / "cascade", "cascade.yaml", CASCADE)
     assert cascade.returncode == 0, cascade.stdout[-3000:] + cascade.stderr[-3000:]
     db = tmp_path / "cascade" / "mlflow.db"
     metrics, artifacts = _champion_artifacts(db, "cascade-base")
@@ -75,14 +60,14 @@ def test_cascade_imagen_and_controlnet_jobs(tmp_path):
         assert k in metrics, k
     assert metrics["eval/bicubic_psnr"] > 10  # bicubic upsampling of real crops is close to the truth
     grid = tmp_path / "cascade" / "sampled.png"
-    sample = _cli(tmp_path / "cascade", "sample", "models:/cascade-sr16@champion", "--label", "2", "--num", "3",
-                  "--nrow", "3", "--out", str(grid))
+    sample = run_pipeline(tmp_path / "cascade", "sample", "models:/cascade-sr16@champion", "--label", "2",
+                          "--num", "3", "--nrow", "3", "--out", str(grid))
     assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
     # three 16x16 final images in one row, 1-pixel borders, scaled 4x: the whole cascade was sampled
     assert "cascade 8px → 16px" in sample.stdout and _png_size(grid) == ((3 * 17 + 1) * 4, (17 + 1) * 4)
 
     (tmp_path / "imagen").mkdir()
-    imagen = _run(tmp_path / "imagen", "imagen.yaml", IMAGEN)
+    imagen = run_job(tmp_path / "imagen", "imagen.yaml", IMAGEN)
     assert imagen.returncode == 0, imagen.stdout[-3000:] + imagen.stderr[-3000:]
     db = tmp_path / "imagen" / "mlflow.db"
     for name in ("imagen-classifier", "imagen-base"):
@@ -91,15 +76,16 @@ def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     assert {"samples/superres_grid.png", "samples/cascade_grid.png"} <= set(artifacts)
     assert 0.0 <= metrics["eval/cascade_class_accuracy"] <= 1.0 and metrics["eval/bicubic_psnr"] > 10
     grid = tmp_path / "imagen" / "sampled.png"
-    sample = _cli(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion", "--caption", "a handwritten two",
-                  "--caption", "the digit five, written by hand", "--num", "2", "--out", str(grid))
+    sample = run_pipeline(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion",
+                          "--caption", "a handwritten two", "--caption", "the digit five, written by hand",
+                          "--num", "2", "--out", str(grid))
     assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
     assert "4 samples of the cascade" in sample.stdout and grid.stat().st_size > 0
-    no_text = _cli(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion", "--label", "2")
+    no_text = run_pipeline(tmp_path / "imagen", "sample", "models:/imagen-sr16@champion", "--label", "2")
     assert no_text.returncode != 0 and "give --caption" in no_text.stderr
 
     (tmp_path / "controlnet").mkdir()
-    control = _run(tmp_path / "controlnet", "controlnet.yaml", CONTROLNET)
+    control = run_job(tmp_path / "controlnet", "controlnet.yaml", CONTROLNET)
     assert control.returncode == 0, control.stdout[-3000:] + control.stderr[-3000:]
     db = tmp_path / "controlnet" / "mlflow.db"
     metrics, artifacts = _champion_artifacts(db, "controlnet-base")

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import run_job, run_pipeline
 
 TINY = [
     "eval.num_samples=40",
@@ -24,25 +19,9 @@ TINY = [
 ]
 
 
-def _pipeline(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _set(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for item in items:
-        out += ["--set", item]
-    return out
-
-
 @pytest.mark.slow
 def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
-    job = ROOT / "jobs" / "ldm.yaml"
-    first = _pipeline(tmp_path, "run", str(job), *_set(TINY))
+    first = run_job(tmp_path, "ldm.yaml", TINY, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Registered models (alias champion)" in first.stdout
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
@@ -84,7 +63,7 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert {"eval/teacher_4steps_class_accuracy", "eval/student_2steps_class_accuracy"} <= set(
         distill_run.data.metrics)
 
-    second = _pipeline(tmp_path, "run", str(job), *_set(TINY))
+    second = run_job(tmp_path, "ldm.yaml", TINY, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in ("autoencoder", "classifier", "diffusion", "distill"):
         assert f"[{stage}] skipped" in second.stdout
@@ -93,11 +72,11 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
         assert client.get_model_version_by_alias(name, "champion").version == version
 
     grid = tmp_path / "grid.png"
-    out = _pipeline(tmp_path, "sample", "models:/ldm-distilled@champion", "--label", "3", "--num", "8",
+    out = run_pipeline(tmp_path, "sample", "models:/ldm-distilled@champion", "--label", "3", "--num", "8",
                     "--out", str(grid))
     assert out.returncode == 0, out.stderr[-2000:]
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    missing = _pipeline(tmp_path, "sample", "models:/ldm@nosuchalias", "--out", str(grid))
+    missing = run_pipeline(tmp_path, "sample", "models:/ldm@nosuchalias", "--out", str(grid))
     assert missing.returncode == 2
     assert "nosuchalias" in missing.stderr and "Traceback" not in missing.stderr

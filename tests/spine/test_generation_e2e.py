@@ -4,14 +4,11 @@ distillation and training, then the `bench generation` table from the registered
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import ROOT, run_job, run_pipeline
 
 TINY = [
     "eval.num_samples=20",
@@ -39,20 +36,12 @@ DIT_TINY = [
 ]
 
 
-def _pipeline(cwd: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 @pytest.mark.e2e_suite
 def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     job = ROOT / "jobs" / "distill.yaml"
     sets = [a for s in TINY for a in ("--set", s)]
-    run = _pipeline(tmp_path, "run", str(job), *sets)
+    run = run_job(tmp_path, "distill.yaml", TINY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient
@@ -82,8 +71,8 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     assert "eval/class_accuracy" in client.get_run(teacher.run_id).data.metrics  # with classifier guidance
 
     out = tmp_path / "generation.json"
-    bench = _pipeline(tmp_path, "bench", "generation", str(job), *sets, "--num", "20", "--teacher-steps", "4,2",
-                      "--cfg", "0", "--cg-scales", "1", "--json", str(out))
+    bench = run_pipeline(tmp_path, "bench", "generation", str(job), *sets, "--num", "20", "--teacher-steps", "4,2",
+                      "--cfg", "0", "--cg-scales", "1", "--json", str(out), timeout=1200)
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     models = [r["model"] for r in rows]
@@ -98,7 +87,7 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
 @pytest.mark.slow
 @pytest.mark.e2e_suite
 def test_dit_job_registers_a_class_conditional_dit_on_the_latents(tmp_path):
-    run = _pipeline(tmp_path, "run", str(ROOT / "jobs" / "dit.yaml"), *[a for s in DIT_TINY for a in ("--set", s)])
+    run = run_job(tmp_path, "dit.yaml", DIT_TINY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import run_job
 
 TINY = ["stages.tdvae.train.steps=20", "stages.tdvae.train.checkpoint_every=10", "stages.tdvae.train.log_every=10",
         "stages.tdvae.scale.workers=1", "stages.tdvae.model.args.hidden=32", "stages.tdvae.model.args.belief_dim=16",
@@ -18,12 +15,7 @@ TINY = ["stages.tdvae.train.steps=20", "stages.tdvae.train.checkpoint_every=10",
 
 @pytest.mark.slow
 def test_tdvae_job_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    args = [a for item in TINY for a in ("--set", item)]
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / "tdvae.yaml"), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_job(tmp_path, "tdvae.yaml", TINY, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import clean_env, run_job
 
 TINY = [
     "eval.num_samples=20",
@@ -25,12 +22,7 @@ TINY = [
 
 @pytest.mark.slow
 def test_ldm_text_job_end_to_end(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    args = [a for item in TINY for a in ("--set", item)]
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / "ldm-text.yaml"), *args],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    run = run_job(tmp_path, "ldm-text.yaml", TINY, env=clean_env(HF_HUB_OFFLINE="1"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

@@ -3,14 +3,11 @@ then text → image through the registered models (eq. 49)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.helpers import run_job, run_pipeline
 
 TINY = [
     "eval.num_samples=20",
@@ -28,12 +25,7 @@ NAMES = {"classifier": "unclip-classifier", "clip": "unclip-clip", "prior": "unc
 @pytest.mark.slow
 @pytest.mark.e2e_suite
 def test_unclip_job_registers_every_stage_and_samples_text_to_image(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    args = [a for item in TINY for a in ("--set", item)]
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "jobs" / "unclip.yaml"), *args],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    run = run_job(tmp_path, "unclip.yaml", TINY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient
@@ -77,9 +69,8 @@ def test_unclip_job_registers_every_stage_and_samples_text_to_image(tmp_path):
     x, emb = text_to_image(clip, prior, prior_meta, decoder, meta, ["a handwritten digit seven", "a handwritten two"],
                            prior_kw={"steps": 2, "guidance": 1.0}, decoder_kw={"steps": 2, "guidance": 1.0})
     assert x.shape == (2, 1, 16, 16) and x.isfinite().all() and emb.shape == (2, 32)
-    sample = subprocess.run([sys.executable, "-m", "pipeline", "sample", "models:/unclip-decoder@champion",
-                             "--caption", "a handwritten digit three", "--caption", "a handwritten seven", "--num", "2",
-                             "--steps", "2", "--guidance", "1", "--out", "cli.png"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    sample = run_pipeline(tmp_path, "sample", "models:/unclip-decoder@champion",
+                          "--caption", "a handwritten digit three", "--caption", "a handwritten seven",
+                          "--num", "2", "--steps", "2", "--guidance", "1", "--out", "cli.png")
     assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
     assert Image.open(tmp_path / "cli.png").size == ((2 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 captions × 2 samples
