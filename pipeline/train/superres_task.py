@@ -131,8 +131,9 @@ class SuperResTask:
         if self.text_encoder:
             if "caption_bytes" not in batch:
                 raise ValueError("conditioning: text needs captions in the training batches (no caption column)")
-            drop = self._drop(len(x0), x0.device, gen).tolist()
-            captions = ["" if d else c for c, d in zip(bytes_to_captions(batch["caption_bytes"]), drop, strict=True)]
+            from pipeline.train.text_task import drop_captions
+
+            captions = drop_captions(bytes_to_captions(batch["caption_bytes"]), self._drop(len(x0), x0.device, gen))
         return spec_diffusion_loss(denoiser(model, cond, y, captions=captions), self.schedule, self.diffusion,
                                    x0, gen)
 
