@@ -252,16 +252,13 @@ def _classifier_guidance(args: argparse.Namespace, gen):
     if args.classifier_scale is None:
         args.classifier_scale = 1.0
     from pipeline import tracking
-    from pipeline.eval.guidance import GuidanceError, check_classifier, classifier_cond_fn
-    from pipeline.train.export import load_exported
+    from pipeline.eval.guidance import GuidanceError, registered_cond_fn
 
     ref = tracking.resolve(args.classifier)
-    classifier, meta = load_exported(tracking.download(ref))
     try:
-        check_classifier(classifier, meta, gen)
+        return registered_cond_fn(ref, gen)
     except GuidanceError as exc:
         raise SystemExit(f"error: {ref.name} v{ref.version} cannot guide this model: {exc}") from None
-    return classifier_cond_fn(classifier, gen.schedule)
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:

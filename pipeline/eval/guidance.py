@@ -91,6 +91,17 @@ def classifier_cond_fn(classifier: Callable[[Tensor, Tensor], Tensor], model_sch
     return cond_fn
 
 
+def registered_cond_fn(ref: Any, gen: Any) -> CondFnY:
+    """:func:`classifier_cond_fn` of the registered noisy classifier ``ref`` (a ``tracking.ModelRef``) for the
+    generator ``gen``; :class:`GuidanceError` when it cannot guide it (:func:`check_classifier`)."""
+    from pipeline import tracking
+    from pipeline.train.export import load_exported
+
+    classifier, meta = load_exported(tracking.download(ref))
+    check_classifier(classifier, meta, gen)
+    return classifier_cond_fn(classifier, gen.schedule)
+
+
 @torch.no_grad()
 def mean_log_prob(classifier: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
                   batch_size: int = 500) -> float:

@@ -414,16 +414,13 @@ def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, gui
 
 def guidance_cond_fn(ctx: JobContext | None, classifier: str, gen):
     """`cond_fn` of classifier guidance from a noisy classifier: a stage of this job or a models:/ URI."""
-    from pipeline.eval.guidance import GuidanceError, check_classifier, classifier_cond_fn
-    from pipeline.train.export import load_exported
+    from pipeline.eval.guidance import GuidanceError, registered_cond_fn
 
     ref = ctx.refs[classifier] if ctx is not None and classifier in ctx.refs else tracking.resolve(classifier)
-    model, meta = load_exported(tracking.download(ref))
     try:
-        check_classifier(model, meta, gen)
+        return registered_cond_fn(ref, gen)
     except GuidanceError as exc:
         raise SpecError(f"sampling.classifier '{classifier}' ({ref.name} v{ref.version}) cannot guide: {exc}") from None
-    return classifier_cond_fn(model, gen.schedule)
 
 
 def _classifier(ctx: JobContext):
