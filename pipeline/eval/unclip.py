@@ -39,18 +39,26 @@ def _sample(fn: Callable[[Tensor, Tensor], Tensor], diffusion: dict[str, Any], x
     raise ValueError(f"unknown sampler '{sampler}' (expected ddim or ancestral)")
 
 
+def _draw(model_fn_c: Callable[[Tensor, Tensor, Tensor], Tensor], meta: dict[str, Any], conds: Tensor, *,
+          steps: int, guidance: float, sampler: str, eta: float, seed: int, batch_size: int) -> Tensor:
+    """Samples of shape ``meta``'s sample_shape, one per row of ``conds``, in batches of ``batch_size``."""
+    g = torch.Generator().manual_seed(seed)
+    d = meta["extra"]["diffusion"]
+    out = []
+    for cond in conds.split(batch_size):
+        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
+        out.append(_sample(guided_fn(model_fn_c, cond, guidance), d, xT, steps=steps, sampler=sampler, eta=eta,
+                           generator=g))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def sample_prior(prior: nn.Module, meta: dict[str, Any], text_emb: Tensor, *, steps: int, guidance: float = 0.0,
                  sampler: str = "ddim", eta: float = 0.0, seed: int = 0, batch_size: int = 500) -> Tensor:
     """Unit-norm image embeddings (N, D) drawn from the prior P(c_i | y) given text embeddings (N, D)."""
-    g = torch.Generator().manual_seed(seed)
-    d = meta["extra"]["diffusion"]
-    out = []
-    for cond in text_emb.split(batch_size):
-        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
-        fn = guided_fn(lambda x, t, c: prior(x, t, y=c), cond, guidance)
-        out.append(from_diffusion_space(_sample(fn, d, xT, steps=steps, sampler=sampler, eta=eta, generator=g)))
-    return torch.cat(out)
+    x = _draw(lambda x, t, c: prior(x, t, y=c), meta, text_emb, steps=steps, guidance=guidance, sampler=sampler,
+              eta=eta, seed=seed, batch_size=batch_size)
+    return from_diffusion_space(x)
 
 
 @torch.no_grad()
@@ -58,14 +66,9 @@ def sample_decoder(decoder: nn.Module, meta: dict[str, Any], image_emb: Tensor, 
                    guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                    batch_size: int = 250) -> Tensor:
     """Images (N, C, H, W) in [-1, 1] drawn from the decoder P(x | c_i) given image embeddings (N, D)."""
-    g = torch.Generator().manual_seed(seed)
-    d = meta["extra"]["diffusion"]
-    out = []
-    for cond in image_emb.split(batch_size):
-        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
-        fn = guided_fn(lambda x, t, c: decoder(x, t, embedding=c), cond, guidance)
-        out.append(_sample(fn, d, xT, steps=steps, sampler=sampler, eta=eta, generator=g).float().clamp(-1, 1))
-    return torch.cat(out)
+    x = _draw(lambda x, t, c: decoder(x, t, embedding=c), meta, image_emb, steps=steps, guidance=guidance,
+              sampler=sampler, eta=eta, seed=seed, batch_size=batch_size)
+    return x.float().clamp(-1, 1)
 
 
 @torch.no_grad()
