@@ -7,7 +7,7 @@ Nothing here depends on ray, deepspeed or mlflow.
 """
 
 from .distill import consistency_fn, consistency_skip_out, karras_sigmas, progressive_distillation_target
-from .guidance import classifier_free, classifier_grad
+from .guidance import classifier_free, classifier_grad, condition_dropout, drop_labels
 from .likelihood import nll_bits_per_dim
 from .losses import (
     LossHistory,
@@ -45,6 +45,7 @@ __all__ = [
     "Schedule",
     "classifier_free",
     "classifier_grad",
+    "condition_dropout",
     "consistency_fn",
     "consistency_skip_out",
     "cosine_betas",
@@ -53,6 +54,7 @@ __all__ = [
     "decoder_nll",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
+    "drop_labels",
     "extract",
     "gaussian_log_likelihood",
     "importance_timesteps",

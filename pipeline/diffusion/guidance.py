@@ -38,6 +38,18 @@ def classifier_free(
     return guided
 
 
+def condition_dropout(n: int, rate: float, device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Which of ``n`` training conditions become ∅, each with probability ``rate``, so that one model learns
+    both ε(x, t, y) and ε(x, t, ∅) for classifier-free guidance (eq. 40)."""
+    return torch.rand(n, device=device, generator=generator) < rate
+
+
+def drop_labels(y: Tensor, drop: Tensor, null_label: int) -> Tensor:
+    """Class labels with the ``drop`` positions replaced by the null label ∅ (eq. 40)."""
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
 def classifier_grad(classifier: Callable[[Tensor, Tensor], Tensor], y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """``cond_fn(x, t) = ∇_x log f(y | x_t, t)`` from a noisy classifier returning logits (eq. 36)."""
 

@@ -27,6 +27,7 @@ from pipeline.diffusion.consistency import (
     ema_update_,
     vp_sigmas,
 )
+from pipeline.diffusion.guidance import condition_dropout, drop_labels
 from pipeline.models import build_model
 from pipeline.train.tasks import guided_teacher, make_schedule, on_device
 
@@ -103,8 +104,7 @@ class ConsistencyTask:
         s = self.schedule = on_device(self.schedule, x0.device)
         target_net = self._update_target(model)
         if self.label_dropout:
-            drop = torch.rand(len(y), device=y.device, generator=gen) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            y = drop_labels(y, condition_dropout(len(y), self.label_dropout, y.device, gen), self.num_classes)
         levels = torch.tensor(self.levels, device=x0.device)
         t_cur, t_next = adjacent_levels(levels, len(x0), gen)
         noise = torch.randn(x0.shape, device=x0.device, generator=gen)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.diffusion import classifier_free, sample_ddim
+from pipeline.diffusion import classifier_free, condition_dropout, drop_labels, sample_ddim
 from pipeline.eval.edges import canny_edges
 from pipeline.models import ControlNet, UNet
 from pipeline.train.tasks import make_schedule, on_device, spec_diffusion_loss
@@ -45,8 +45,7 @@ def control_labels(y: Tensor, num_classes: int, class_labels: bool, dropout: flo
         return None
     if not class_labels:
         return torch.full_like(y, num_classes)
-    drop = torch.rand(len(y), device=y.device, generator=gen) < dropout
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+    return drop_labels(y, condition_dropout(len(y), dropout, y.device, gen), num_classes)
 
 
 class ControlNetTask:

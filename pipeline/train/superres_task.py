@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.diffusion import sample_ddim
+from pipeline.diffusion import condition_dropout, drop_labels, sample_ddim
 from pipeline.diffusion.cond_aug import (
     augment,
     downsample,
@@ -117,12 +117,11 @@ class SuperResTask:
         if self.text_encoder:
             return downsample(images, self.size), None, None
         drop = self._drop(len(labels), labels.device, gen)
-        return downsample(images, self.size), None, torch.where(drop, torch.full_like(labels, self.num_classes),
-                                                                 labels)
+        return downsample(images, self.size), None, drop_labels(labels, drop, self.num_classes)
 
     def _drop(self, n: int, device: torch.device, gen: torch.Generator | None) -> Tensor:
         """Which conditions to replace by ∅ for classifier-free guidance (eq. 40)."""
-        return torch.rand(n, device=device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
+        return condition_dropout(n, self.diffusion.get("label_dropout", 0.1), device, gen)
 
     def loss(self, model, batch, gen):
         x0, cond, y = self.inputs(batch["image"], batch["label"], gen)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.diffusion import Schedule, classifier_free, diffusion_loss
+from pipeline.diffusion import Schedule, classifier_free, condition_dropout, diffusion_loss, drop_labels
 from pipeline.diffusion.distill import progressive_distillation_target
 from pipeline.models import build_model
 
@@ -141,8 +141,8 @@ class DiffusionTask:
     def loss(self, model, batch, gen):
         x0, y = batch["image"], batch["label"]
         self.schedule = on_device(self.schedule, x0.device)
-        drop = torch.rand(len(y), device=y.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
-        y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        drop = condition_dropout(len(y), self.diffusion.get("label_dropout", 0.1), y.device, gen)
+        y = drop_labels(y, drop, self.num_classes)
         return self.denoising_loss(lambda xt, tt: model(xt, tt, y=y), x0, gen)
 
     def denoising_loss(self, model_fn, x0: torch.Tensor, gen: torch.Generator):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.diffusion import condition_dropout
 from pipeline.models import build_model
 from pipeline.models.text import build_vocab, bytes_to_captions
 from pipeline.train.tasks import DiffusionTask
@@ -61,7 +62,7 @@ class TextDiffusionTask(DiffusionTask):
             raise ValueError("conditioning: text needs captions in the training batches (no caption column)")
         x0 = batch["image"]
         captions = bytes_to_captions(batch["caption_bytes"])
-        drop = torch.rand(len(x0), device=x0.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
+        drop = condition_dropout(len(x0), self.diffusion.get("label_dropout", 0.1), x0.device, gen)
         captions = drop_captions(captions, drop)  # classifier-free guidance's ∅ condition (eq. 40)
         return self.denoising_loss(lambda xt, tt: model(xt, tt, captions=captions), x0, gen)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.diffusion import condition_dropout
 from pipeline.models import build_model
 from pipeline.models.clip import drop_embeddings, to_diffusion_space
 from pipeline.models.text import bytes_to_captions
@@ -130,7 +131,7 @@ class ClipPriorTask:
         x = batch["image"]
         c_i = to_diffusion_space(self.clip.images(x))  # (B, D): the prior's x_0
         c_t = self.clip.texts(captions, x.device)  # (B, D)
-        drop = torch.rand(len(x), device=x.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
+        drop = condition_dropout(len(x), self.diffusion.get("label_dropout", 0.1), x.device, gen)
         c_t = drop_embeddings(c_t, drop)  # ∅ condition of classifier-free guidance (eq. 40)
         self.schedule = on_device(self.schedule, x.device)
         return spec_diffusion_loss(lambda xt, tt: model(xt, tt, y=c_t), self.schedule, self.diffusion, c_i, gen)
@@ -163,7 +164,7 @@ class ClipDecoderTask:
     def loss(self, model, batch, gen):
         x0 = batch["image"]
         c_i = self.clip.images(x0)  # (B, D)
-        drop = torch.rand(len(x0), device=x0.device, generator=gen) < self.diffusion.get("label_dropout", 0.1)
+        drop = condition_dropout(len(x0), self.diffusion.get("label_dropout", 0.1), x0.device, gen)
         c_i = drop_embeddings(c_i, drop)  # ∅ condition of classifier-free guidance (eq. 40)
         self.schedule = on_device(self.schedule, x0.device)
         return spec_diffusion_loss(lambda xt, tt: model(xt, tt, embedding=c_i), self.schedule, self.diffusion, x0,

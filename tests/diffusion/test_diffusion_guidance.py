@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.diffusion import classifier_free, classifier_grad
+from pipeline.diffusion import classifier_free, classifier_grad, condition_dropout, drop_labels
 
 F64 = torch.float64
 
@@ -74,3 +74,14 @@ def test_classifier_grad_matches_analytic_softmax_gradient():
     assert torch.allclose(grad, W[:, y].T - p @ W.T)
     with torch.no_grad():  # works inside the samplers' no_grad
         assert torch.allclose(classifier_grad(lambda x, t: x @ W, y)(x, None), grad)
+
+
+def test_condition_dropout_rate_and_null_labels():
+    """Training-time ∅ for classifier-free guidance (eq. 40): the mask follows the rate, dropped labels become ∅."""
+    g = torch.Generator().manual_seed(0)
+    drop = condition_dropout(20000, 0.1, generator=g)
+    assert drop.dtype == torch.bool and abs(drop.float().mean().item() - 0.1) < 0.01  # ±4.7 standard errors
+    assert not condition_dropout(100, 0.0, generator=g).any() and condition_dropout(100, 1.0, generator=g).all()
+    y = torch.tensor([0, 1, 2, 3, 4])
+    out = drop_labels(y, torch.tensor([True, False, True, False, False]), 10)
+    assert out.tolist() == [10, 1, 10, 3, 4] and y.tolist() == [0, 1, 2, 3, 4]
