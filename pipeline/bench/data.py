@@ -67,7 +67,7 @@ def init_ray(num_cpus: int) -> None:
 
 
 def augmented(ds: Any, aug: dict[str, Any]) -> Any:
-    """The augmentation step the stages add to the pixel dataset (`pipeline.stages._pixel_dataset`)."""
+    """The augmentation step the stages add to the pixel dataset (`pipeline.stages.pixel_dataset`)."""
     from pipeline.data.augment import augment_batch
 
     if not (aug.get("hflip") or aug.get("shift")):

@@ -206,19 +206,20 @@ def _pin_ray_data_stats_actor() -> None:
         log.debug("could not pre-create Ray Data's stats actor: %s", exc)
 
 
-def _stage_key(ctx: JobContext, name: str, inputs: dict[str, str]) -> str:
+def stage_key(ctx: JobContext, name: str, inputs: dict[str, str]) -> str:
+    """What a stage's result depends on (its spec, its input versions, the data), hashed: equal keys skip."""
     payload = {"stage": ctx.spec.stage_hash(name), "inputs": inputs,
                "data": manifest_sha256(ctx.data_dir)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
+def input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
     """The registered version each needed stage's champion points to now."""
     refs: dict[str, tracking.ModelRef] = {}
     for need in ctx.spec.stages[name].needs:
         stage = ctx.spec.stages[need]
         if stage.kind == "encode":
-            refs.update(_input_refs(ctx, need))
+            refs.update(input_refs(ctx, need))
             continue
         refs[need] = tracking.resolve(f"models:/{stage.registry.name}@champion")
     return refs
@@ -227,7 +228,7 @@ def _input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
 # ----------------------------------------------------------------------------- stages
 
 
-def _pixel_dataset(ctx: JobContext, data_dir: Path):
+def pixel_dataset(ctx: JobContext, data_dir: Path):
     """The training split as a Ray Dataset of (image, label); images augmented per the spec."""
     from pipeline.data.augment import augment_batch
     from pipeline.data.ray_data import ray_dataset
@@ -271,7 +272,8 @@ def _log_png(run_id: str, png: bytes, path: str) -> None:
         MlflowClient().log_artifact(run_id, str(p), str(Path(path).parent) if "/" in path else None)
 
 
-def _log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Log a stage's evaluation metrics to its MLflow run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -287,7 +289,7 @@ def run_autoencoder(ctx: JobContext, name: str, key: str, run_id: str, inputs) -
     stage = ctx.spec.stages[name]
     cfg = dict(stage.objective)
     objective = get_objective(cfg.get("type", "kl_vae"))  # an unknown type fails before training
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), {})
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir), {})
     model, _ = load_exported(export)
     model.eval()
     metrics, images = objective.evaluate(model, ctx.data_dir, cfg, ctx.spec.seed)
@@ -301,8 +303,8 @@ def run_classifier(ctx: JobContext, name: str, key: str, run_id: str, inputs) ->
     from pipeline.eval import classify
     from pipeline.train.export import load_exported
 
-    data_dir = _data_dir_of(ctx, name)  # latents when it needs an encode stage (a noisy latent classifier)
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir), {})
+    data_dir = data_dir_of(ctx, name)  # latents when it needs an encode stage (a noisy latent classifier)
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, data_dir), {})
     model, _ = load_exported(export)
     test = load_split(data_dir, "test")
     pred = classify(model, torch.from_numpy(test["image"]))
@@ -463,7 +465,7 @@ def run_diffusion(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> 
         from pipeline.train.text_task import run_text_diffusion
 
         return run_text_diffusion(ctx, name, key, run_id, data_dir, manifest.num_classes, data_info)
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, data_dir),
                   {"num_classes": manifest.num_classes, "data_info": data_info})
     s = stage.sampling
     metrics = _eval_generator(ctx, run_id, export, steps=s.steps, guidance=s.guidance,
@@ -483,7 +485,7 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
     meta = read_meta(teacher_dir)
     T = int(meta["extra"]["diffusion"].get("timesteps", 1000))
     timesteps = strided_timesteps(T, stage.teacher_steps)
-    teacher_data_dir = _data_dir_of(ctx, teacher_stage)
+    teacher_data_dir = data_dir_of(ctx, teacher_stage)
     metrics: dict[str, float] = {}
     s = stage.sampling
     n = min(s.num_samples, ctx.spec.eval.num_samples)
@@ -496,7 +498,7 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
     for h in range(stage.halvings):
         log.info("[%s] halving %d/%d: %d → %d steps", name, h + 1, stage.halvings, len(timesteps),
                  len(timesteps) // 2)
-        teacher_dir = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, teacher_data_dir),
+        teacher_dir = _fit(ctx, name, key, run_id, pixel_dataset(ctx, teacher_data_dir),
                            {"inputs": {"teacher": teacher_input}, "teacher_timesteps": timesteps},
                            suffix=f"-h{h + 1}")
         timesteps = sorted(timesteps)[1::2]
@@ -509,7 +511,8 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
     return teacher_dir, metrics
 
 
-def _data_dir_of(ctx: JobContext, stage_name: str) -> Path:
+def data_dir_of(ctx: JobContext, stage_name: str) -> Path:
+    """The shard directory a stage trains on: the job's data, or the latents of the encode stage it needs."""
     stage = ctx.spec.stages[stage_name]
     for need in stage.needs:
         if need in ctx.latent_dirs:
@@ -560,7 +563,7 @@ def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
     status = "FAILED"
     try:
         for name in spec.stages:
-            ctx.outcomes.append(_run_stage(ctx, name))
+            ctx.outcomes.append(run_stage(ctx, name))
         status = "FINISHED"
     finally:
         client.set_terminated(parent.info.run_id, status)
@@ -601,19 +604,20 @@ def _stage_user_error(ctx: JobContext, name: str, exc: Exception) -> Exception:
         return ClusterError(f"stage '{name}': {msg}")
 
 
-def _run_stage(ctx: JobContext, name: str) -> StageOutcome:
+def run_stage(ctx: JobContext, name: str) -> StageOutcome:
+    """Run one stage: skip it when its champion has the same key, else train, evaluate, register and gate."""
     from mlflow.tracking import MlflowClient
 
     spec, stage = ctx.spec, ctx.spec.stages[name]
     client = MlflowClient()
     t0 = time.perf_counter()
-    inputs = _input_refs(ctx, name)
+    inputs = input_refs(ctx, name)
     if stage.kind == "encode":
         log.info("[%s] encoding with %s", name, ", ".join(f"{r.name} v{r.version}" for r in inputs.values()))
         outcome = run_encode(ctx, name, inputs)
         outcome.seconds = time.perf_counter() - t0
         return outcome
-    key = _stage_key(ctx, name, {k: v.uri for k, v in inputs.items()})
+    key = stage_key(ctx, name, {k: v.uri for k, v in inputs.items()})
     champion = tracking.find_alias(stage.registry.name, "champion")
     if champion and champion.tags.get("pipeline.stage_key") == key:
         log.info("[%s] skipped: champion %s v%s was produced by this spec and these inputs",
@@ -636,7 +640,7 @@ def _run_stage(ctx: JobContext, name: str) -> StageOutcome:
             export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
         except Exception as exc:
             raise _stage_user_error(ctx, name, exc) from None
-        _log_metrics(run_id, metrics)
+        log_metrics(run_id, metrics)
         tags = {"pipeline.stage_key": key, "pipeline.spec_sha256": spec.stage_hash(name),
                 "pipeline.data_manifest_sha256": manifest_sha256(ctx.data_dir),
                 "pipeline.code_version": tracking.code_version(), "pipeline.job": spec.name,

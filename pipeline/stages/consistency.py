@@ -17,16 +17,16 @@ from pipeline.data import read_manifest
 
 def run_consistency(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[str, float]]:
     """Train a consistency model (CD or CT), then evaluate it at each of its sampling step counts."""
-    from pipeline.stages import _data_dir_of, _eval_generator, _fit, _pixel_dataset
+    from pipeline.stages import _eval_generator, _fit, data_dir_of, pixel_dataset
 
     stage = ctx.spec.stages[name]
     extra: dict[str, Any]
     if stage.mode == "distill":
         teacher_stage = next(n for n in stage.needs if ctx.spec.stages[n].kind in ("diffusion", "distill"))
-        data_dir = _data_dir_of(ctx, teacher_stage)
+        data_dir = data_dir_of(ctx, teacher_stage)
         extra = {"inputs": {"teacher": {"uri": inputs[teacher_stage].source}}}
     else:
-        data_dir = _data_dir_of(ctx, name)
+        data_dir = data_dir_of(ctx, name)
         if data_dir != ctx.data_dir:
             info = json.loads((data_dir / "scale.json").read_text())
             data_info = {"latent_scale": info["latent_scale"], "autoencoder": info["autoencoder"]}
@@ -36,7 +36,7 @@ def run_consistency(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path
         h, w, c = manifest.image_size
         data_info["sample_shape"] = [c, h, w]
         extra = {"num_classes": manifest.num_classes, "data_info": data_info}
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir), extra)
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, data_dir), extra)
     s = stage.sampling
     n = min(s.num_samples, ctx.spec.eval.num_samples)
     metrics: dict[str, float] = {}

@@ -33,7 +33,7 @@ def run_controlnet(ctx, name: str, key: str, run_id: str, inputs: dict[str, trac
                    ) -> tuple[Path, dict[str, float]]:
     """Train the ControlNet; compare its edge overlap on held-out edge maps with the base model's."""
     from pipeline.eval import image_grid
-    from pipeline.stages import _fit, _log_png, _pixel_dataset
+    from pipeline.stages import _fit, _log_png, pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
@@ -49,7 +49,7 @@ def run_controlnet(ctx, name: str, key: str, run_id: str, inputs: dict[str, trac
         raise SpecError(f"stages.{name}.needs: the base model makes {base_meta['extra']['sample_shape']} images "
                         f"but the data is {[c, h, w]}")
     # Workers fetch the base themselves (they may sit on other nodes), from the registry's artifact store.
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"inputs": {"base": {"uri": base_ref.source}}})
     model, meta = load_exported(export)
     n = min(stage.sampling.num_samples, ctx.spec.eval.num_samples)

@@ -66,7 +66,7 @@ def run_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict
     """Train the prior on the codes of its input VQ autoencoder; report held-out bits/code and sample quality."""
     from pipeline.data import load_split, read_manifest
     from pipeline.eval import image_grid, sample_metrics
-    from pipeline.stages import _classifier, _fit, _log_png, _pixel_dataset
+    from pipeline.stages import _classifier, _fit, _log_png, pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
@@ -79,7 +79,7 @@ def run_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict
     test_codes = encode_all(vq, torch.from_numpy(test["image"]))
     shapes = [list(c.shape[-2:]) for c in test_codes]
     data_info = {"autoencoder": ref.uri, "code_shapes": shapes}
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"inputs": {"autoencoder": {"uri": ref.source}}, "num_classes": manifest.num_classes,
                    "data_info": data_info})
     prior, _ = load_exported(export)

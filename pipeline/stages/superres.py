@@ -138,7 +138,7 @@ def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracki
     """Train one cascade stage; evaluate it on held-out crops and sample the cascade up to it."""
     from pipeline.eval import classify, image_grid
     from pipeline.eval.text import class_captions
-    from pipeline.stages import _classifier, _fit, _log_png, _pixel_dataset
+    from pipeline.stages import _classifier, _fit, _log_png, pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
@@ -155,7 +155,7 @@ def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracki
 
         train_captions = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)["caption"]
         extra["text_encoder"] = resolve_text_encoder(stage.text_encoder.model_dump(), train_captions)
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir), extra)
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir), extra)
     model, meta = load_exported(export)
     seed = ctx.spec.seed
     s = stage.sampling

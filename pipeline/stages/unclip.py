@@ -50,7 +50,7 @@ def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[
     from pipeline.eval.text import class_captions
     from pipeline.eval.unclip import cosine, encode_images, encode_texts
     from pipeline.objectives.contrastive import zero_shot_predict
-    from pipeline.stages import _fit, _pixel_dataset
+    from pipeline.stages import _fit, pixel_dataset
     from pipeline.train.export import load_exported
     from pipeline.train.text_task import resolve_text_encoder
 
@@ -61,7 +61,7 @@ def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[
         text_encoder = resolve_text_encoder(stage.text_encoder.model_dump(), train["caption"])
     except ValueError as exc:
         raise SpecError(f"stages.{name}.text_encoder: {exc}") from None
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"text_encoder": text_encoder, "in_channels": manifest.image_size[2]})
     clip, _ = load_exported(export)
     test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
@@ -85,13 +85,13 @@ def run_clip_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path,
     from pipeline.data import load_split, read_manifest
     from pipeline.eval.unclip import class_centroids, cosine, encode_images, encode_texts, sample_prior
     from pipeline.objectives.contrastive import zero_shot_predict
-    from pipeline.stages import _fit, _pixel_dataset
+    from pipeline.stages import _fit, pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
     (_, clip_ref), = inputs.items()
     clip, _ = _load_clip(clip_ref, name)
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"inputs": {"clip": {"uri": clip_ref.source}}, "data_info": {"clip": clip_ref.uri}})
     prior, meta = load_exported(export)
 
@@ -145,7 +145,7 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
     from pipeline.eval import classify, image_grid, sample_metrics
     from pipeline.eval.text import class_captions
     from pipeline.eval.unclip import cosine, cycle_indices, encode_images, encode_texts, sample_decoder, text_to_image
-    from pipeline.stages import _classifier, _fit, _log_png, _pixel_dataset
+    from pipeline.stages import _classifier, _fit, _log_png, pixel_dataset
     from pipeline.train.export import load_exported
 
     stage = ctx.spec.stages[name]
@@ -160,7 +160,7 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
     ps = ctx.spec.stages[prior_name].sampling
     data_info = {"sample_shape": [c, h, w], "clip": clip_ref.uri, "prior": prior_ref.uri,
                  "prior_sampling": {"steps": ps.steps, "guidance": ps.guidance, "sampler": ps.sampler, "eta": ps.eta}}
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, ctx.data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"inputs": {"clip": {"uri": clip_ref.source}}, "data_info": data_info})
     decoder, meta = load_exported(export)
 

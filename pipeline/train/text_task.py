@@ -79,7 +79,7 @@ def run_text_diffusion(ctx, name: str, key: str, run_id: str, data_dir: Path, nu
     pixels) with Ray Train, then sample from held-out captions and measure the samples."""
     from pipeline.data import load_split
     from pipeline.eval.text import evaluate_text_generator
-    from pipeline.stages import _fit, _pixel_dataset
+    from pipeline.stages import _fit, pixel_dataset
 
     stage = ctx.spec.stages[name]
     captions = load_split(data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)["caption"]
@@ -87,7 +87,7 @@ def run_text_diffusion(ctx, name: str, key: str, run_id: str, data_dir: Path, nu
     if "vocab" in text_encoder["args"]:
         log.info("[%s] text encoder %s, word vocabulary of %d from %d training captions", name,
                  text_encoder["name"], len(text_encoder["args"]["vocab"]), len(captions))
-    export = _fit(ctx, name, key, run_id, _pixel_dataset(ctx, data_dir),
+    export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, data_dir),
                   {"num_classes": num_classes, "data_info": data_info, "text_encoder": text_encoder})
     s = stage.sampling
     metrics = evaluate_text_generator(ctx, run_id, export, data_dir, steps=s.steps, guidance=s.guidance,

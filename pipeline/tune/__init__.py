@@ -132,8 +132,8 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                             storage=setup["storage"], data_dir=Path(setup["data_dir"]),
                             refs={k: tracking.resolve(v) for k, v in setup["refs"].items()},
                             latent_dirs={k: Path(v) for k, v in setup["latent_dirs"].items()})
-    inputs = stages._input_refs(ctx, name)
-    key = stages._stage_key(ctx, name, {k: v.uri for k, v in inputs.items()})
+    inputs = stages.input_refs(ctx, name)
+    key = stages.stage_key(ctx, name, {k: v.uri for k, v in inputs.items()})
     tags = {"mlflow.parentRunId": setup["sweep_run_id"], "pipeline.stage": name, "pipeline.stage_key": key,
             "pipeline.sweep": sweep.spec.name, "pipeline.sweep_run_id": setup["sweep_run_id"],
             "pipeline.trial_id": trial_id, "pipeline.spec_sha256": spec.stage_hash(name),
@@ -156,10 +156,10 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         # Train run name per trial: a restored trial resumes from its last Train checkpoint.
         export, metrics = stages.RUNNERS[stage.kind](ctx, name, f"{sweep.spec.name}-{trial_id}", run_id, inputs)
         if sweep.spec.nll is not None:
-            data_dir = stages._data_dir_of(ctx, name)
+            data_dir = stages.data_dir_of(ctx, name)
             metrics["eval/nll_bpd"] = _nll_bpd(export, data_dir, sweep.spec.nll.num_samples,
                                                sweep.spec.nll.batch_size, spec.seed)
-        stages._log_metrics(run_id, metrics)
+        stages.log_metrics(run_id, metrics)
         client.log_artifacts(run_id, str(export), tracking.MODEL_ARTIFACT)
         last = {k: v for k, v in client.get_run(run_id).data.metrics.items() if _finite(v) is not None}
         final_step = float(stage.train.steps)
@@ -276,7 +276,7 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
         ctx = stages.JobContext(spec=base, spec_path=sweep.job_path, uri=uri, experiment_id=exp.experiment_id,
                                 parent_run_id=sweep_run_id, storage=str(storage), data_dir=data_dir)
         for name in prerequisites(sweep):
-            outcome = stages._run_stage(ctx, name)
+            outcome = stages.run_stage(ctx, name)
             log.info("[sweep %s] prerequisite %s: %s%s", spec.name, name, outcome.status,
                      f" v{outcome.version}" if outcome.version else "")
         setup = {"cwd": str(Path.cwd()), "sweep_path": str(sweep.path.resolve()), "sweep_set": sweep_set or [],

@@ -207,7 +207,7 @@ def test_downstream_stage_uses_promoted_champion_on_postgres_server(tmp_path, mo
             ctx = stages.JobContext(spec=spec, spec_path=job_file, uri=srv.uri,
                                     experiment_id=exp.experiment_id, parent_run_id=parent,
                                     storage=str(tmp_path / "ray"), data_dir=data_dir)
-            outcome = stages._run_stage(ctx, "distill")
+            outcome = stages.run_stage(ctx, "distill")
         finally:
             ray.shutdown()
         assert outcome.status == "trained"
