@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from pipeline.models import ControlNet, build_model
-
-
-def perturb_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers pass signal and gradient."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
+from tests.models.helpers import perturb_
 
 
 @pytest.fixture

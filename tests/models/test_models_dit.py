@@ -5,21 +5,9 @@ import torch
 
 from pipeline.models import DiT, build_model
 from pipeline.models.dit import DIT_SIZES, dit_param_count, sincos_pos_embed_2d
+from tests.models.helpers import assert_differs, assert_overfits, assert_same_gradients, perturb_
 
 DIT_NAMES = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
-
-
-def assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float = 1e-3) -> None:
-    """Outputs differ by more than float rounding."""
-    assert (a - b).abs().max() > min_diff, (a - b).abs().max()
-
-
-def perturb_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers pass signal and gradient."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 def tiny(**kwargs) -> DiT:
@@ -111,11 +99,7 @@ def test_checkpointing_gives_same_gradients():
     ckpt.load_state_dict(ref.state_dict())
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     y, ctx = torch.tensor([0, 10]), torch.randn(2, 3, 6)
-    for m in (ref, ckpt):
-        m(x, t, y, ctx).square().mean().backward()
-    for (name, a), b in zip(ref.named_parameters(), ckpt.parameters(), strict=True):
-        assert a.grad is not None and b.grad is not None, name
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert_same_gradients(ref, ckpt, x, t, y, ctx)
 
 
 def test_bf16_weights_with_long_and_float_timesteps():
@@ -132,15 +116,7 @@ def test_overfits_tiny_batch():
     x, t = torch.randn(4, 4, 8, 8), torch.tensor([1, 100, 500, 999])
     y, ctx = torch.tensor([0, 1, 2, 10]), torch.randn(4, 3, 6)
     target = torch.randn(4, 8, 8, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(300):
-        loss = (model(x, t, y, ctx) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert_overfits(model, (x, t, y, ctx), target, lr=3e-3, steps=300)
 
 
 def test_timestep_matters():

@@ -4,19 +4,7 @@ import pytest
 import torch
 
 from pipeline.models import UNet, build_model
-
-
-def assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float = 1e-3) -> None:
-    """Outputs differ by more than float rounding."""
-    assert (a - b).abs().max() > min_diff, (a - b).abs().max()
-
-
-def perturb_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers pass signal and gradient."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
+from tests.models.helpers import assert_differs, assert_overfits, assert_same_gradients, perturb_
 
 
 def tiny(**kwargs) -> UNet:
@@ -68,11 +56,7 @@ def test_checkpointing_gives_same_gradients():
     ckpt = tiny(num_classes=4, context_dim=8, use_checkpoint=True)
     ckpt.load_state_dict(ref.state_dict())
     x, t, y, ctx = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 4]), torch.randn(2, 3, 8)
-    for m in (ref, ckpt):
-        m(x, t, y, ctx).square().mean().backward()
-    for (name, a), b in zip(ref.named_parameters(), ckpt.parameters(), strict=True):
-        assert a.grad is not None and b.grad is not None, name
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert_same_gradients(ref, ckpt, x, t, y, ctx)
 
 
 def test_cross_attention_attends_to_context():
@@ -101,15 +85,7 @@ def test_overfits_tiny_batch():
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 100, 500, 999])
     y, ctx = torch.tensor([0, 1, 2, 4]), torch.randn(4, 3, 8)
     target = torch.randn(4, 3, 8, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(100):
-        loss = (model(x, t, y, ctx) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert_overfits(model, (x, t, y, ctx), target, lr=2e-3, steps=100)
 
 
 def test_timestep_matters():
