@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     last = list(spec.stages.values())[-1]
     text = last.kind == "unclip_decoder" or getattr(last, "conditioning", "class") == "text"
     how = '--caption "a handwritten digit three" --num 8' if text else "--label 3"
+    if last.kind == "controlnet":
+        how = "--control PICTURE.png --num 8" + (" --label 3" if last.class_labels else "")
     print("Sample grids: the artifacts samples/*.png of each stage's run"
           + ("" if last.kind in NOT_SAMPLED else f"; draw a new one with\n  pipeline sample "
              f"models:/{names[-1]}@champion {how} --out grid.png"))
@@ -135,6 +137,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _sample_unclip(args, ref, model_dir)
     if kind == "superres":  # the whole cascade ending at this stage
         return _sample_cascade(args, ref, model_dir)
+    if kind == "controlnet":
+        return _sample_controlnet(args, ref, model_dir)
+    if args.control:
+        raise SystemExit("error: --control needs a ControlNet model")
     if kind in NOT_SAMPLED:
         raise SystemExit(f"error: {ref.name} v{ref.version} is a {kind} model, which `pipeline sample` does not draw "
                          f"from ({NOT_SAMPLED[kind]})")
@@ -163,8 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 #: model kinds `pipeline sample` refuses, and why
 NOT_SAMPLED = {"autoencoder": "not a generator of its own", "classifier": "not a generator",
                "clip": "an encoder pair; sample its unCLIP decoder", "clip_prior": "it samples image embeddings; "
-               "sample its unCLIP decoder", "controlnet": "it needs control images",
-               "prior": "a PixelCNN over VQ codes"}
+               "sample its unCLIP decoder", "prior": "a PixelCNN over VQ codes"}
 
 
 def _model_kind(model_dir) -> str | None:
@@ -225,17 +230,56 @@ def _sample_cascade(args: argparse.Namespace, ref, model_dir) -> int:
     return 0
 
 
+def _sample_controlnet(args: argparse.Namespace, ref, model_dir) -> int:
+    """`pipeline sample` for a ControlNet: ``--num`` samples following the Canny edges of each ``--control``
+    picture (one row each: the edge map, then the samples)."""
+    import torch
+
+    from pipeline.eval import image_grid
+    from pipeline.train.controlnet_task import control_from_image, sample_controlled
+    from pipeline.train.export import load_exported
+
+    if not args.control:
+        raise SystemExit("error: a ControlNet draws images that follow the edges of a picture: give --control "
+                         "IMAGE.png (repeatable, one row each)")
+    if args.caption or args.classifier:
+        raise SystemExit("error: a ControlNet takes --control (and --label when trained with class labels), not "
+                         "--caption or --classifier")
+    if args.sampler != "ddim":
+        raise SystemExit("error: a ControlNet samples with DDIM (drop --sampler)")
+    model, meta = load_exported(model_dir)
+    try:
+        controls = [control_from_image(p, meta)[0] for p in args.control]
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    extra = meta["extra"]
+    n_cls = int(extra.get("num_classes", 0))
+    if args.label is not None and not (extra.get("class_labels") and n_cls):
+        raise SystemExit("error: this ControlNet was trained without class labels: drop --label")
+    if args.label is not None and not 0 <= args.label < n_cls:
+        raise SystemExit(f"error: --label must be in [0, {n_cls - 1}]")
+    if args.guidance and args.label is None:
+        raise SystemExit("error: --guidance guides toward a class: give --label too")
+    label = args.label if args.label is not None else n_cls  # the null label ∅ without --label
+    control = torch.cat([c.expand(args.num, -1, -1, -1) for c in controls])
+    labels = torch.full((len(control),), label, dtype=torch.long)
+    steps = args.steps if args.steps is not None else int(extra.get("sampling_timesteps") or 50)
+    x = sample_controlled(model, meta, labels, control, steps=steps, guidance=args.guidance, eta=args.eta,
+                          seed=args.seed)
+    shown = (control * 2 - 1).expand(-1, x.shape[1], -1, -1)[:: args.num]  # edges white on black
+    rows = [torch.cat([shown[i:i + 1], x[i * args.num:(i + 1) * args.num]]) for i in range(len(controls))]
+    Path(args.out).write_bytes(image_grid(torch.cat(rows), nrow=args.num + 1, scale=4))
+    print(f"{len(x)} samples of {ref.name} v{ref.version} following the edges of {len(controls)} picture(s) "
+          f"(first column) → {args.out}")
+    return 0
+
+
 def _sample_unclip(args: argparse.Namespace, ref, model_dir) -> int:
     """`pipeline sample` for an unCLIP decoder: `--num` samples of each `--caption`, one row per caption."""
     from pipeline.eval import image_grid
     from pipeline.stages.unclip import sample_unclip
 
-    if not args.caption:
-        raise SystemExit('error: an unCLIP decoder samples from text: give --caption "a handwritten digit three" '
-                         "(repeatable)")
-    if args.label is not None or args.classifier:
-        raise SystemExit("error: an unCLIP decoder takes --caption, not --label or --classifier")
-    captions = [c for c in args.caption for _ in range(args.num)]
+    captions = _captions(args, "an unCLIP decoder")
     x = sample_unclip(model_dir, captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                       eta=args.eta, seed=args.seed)
     Path(args.out).write_bytes(image_grid(x, nrow=args.num, scale=4))
@@ -464,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--caption", action="append", default=None,
                    help="text-conditioned models (unCLIP decoders, conditioning: text, text cascades): a caption to "
                         "draw --num samples of (repeatable, one row each)")
+    s.add_argument("--control", action="append", default=None, metavar="IMAGE",
+                   help="ControlNet models: a picture whose Canny edges the samples follow (repeatable, one row each)")
     s.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--num", type=int, default=64)

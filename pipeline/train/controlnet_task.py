@@ -10,8 +10,10 @@ the base model.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,23 @@ def edge_control(images: Tensor, edges: dict[str, Any]) -> Tensor:
                        low_threshold=float(edges.get("low_threshold", 0.1)),
                        high_threshold=float(edges.get("high_threshold", 0.2)))
     return maps[:, None].to(images.device, images.dtype)
+
+
+def control_from_image(path: str | Path, meta: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The control map a ControlNet takes from a picture, as in training: the picture resized to the model's
+    image size (grey or RGB like its training images, in [-1, 1]) and its Canny edges with the model's
+    edge settings. Returns ``(edge map (1, 1, H, W), resized picture (1, C, H, W))``."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = meta["extra"]["sample_shape"]
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"--control {path}: not a readable image ({exc})") from None
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
+    x = x[None, None] if c == 1 else x.permute(2, 0, 1)[None]
+    return edge_control(x, meta["extra"].get("edges", {})), x
 
 
 def check_base(meta: dict[str, Any], source: str) -> None:

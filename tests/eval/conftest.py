@@ -2,7 +2,8 @@
 
 The 8x8 bundled digits; a small class-conditional pixel U-Net trained with the real DiffusionTask
 objective (cosine schedule, T = 50), the same U-Net untrained, and a noisy classifier trained with the
-real ClassifierTask objective (x_t ~ q(x_t | x_0), cosine T = 1000). All are exported with
+real ClassifierTask objective (x_t ~ q(x_t | x_0), cosine T = 1000), and a ControlNet around the trained
+U-Net as initialised (zero convolutions: it still draws what its base draws). All are exported with
 ``export_weights`` and registered (alias ``champion``) in a temporary SQLite MLflow store.
 """
 
@@ -21,6 +22,7 @@ UNET_ARGS = {"in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num
              "attention_resolutions": [], "num_classes": 10}
 CLASSIFIER_ARGS = {"in_channels": 1, "num_classes": 10, "model_channels": 16, "channel_mult": [1, 2],
                    "num_res_blocks": 1}
+EDGES = {"sigma": 1.0, "low_threshold": 0.1, "high_threshold": 0.2}
 DIFFUSION = {"schedule": "cosine", "timesteps": 50, "parameterization": "v", "loss": "simple",
              "label_dropout": 0.2}
 
@@ -66,6 +68,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> TinyStore:
 
     import mlflow
     from pipeline import tracking
+    from pipeline.train.controlnet_task import ControlNetTask
     from pipeline.train.export import export_weights
     from pipeline.train.tasks import ClassifierTask, DiffusionTask
 
@@ -99,6 +102,11 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> TinyStore:
         "tiny-noisy-classifier": export_weights(clf.state_dict(), "classifier", CLASSIFIER_ARGS, root / "clf",
                                                 ctask.export_extra()),
     }
+    cn_task = ControlNetTask({"edges": EDGES, "class_labels": True}, model,
+                             {"name": "unet", "args": UNET_ARGS, "extra": task.export_extra()})
+    cn_name, cn_args = cn_task.model_recipe()
+    dirs["tiny-controlnet"] = export_weights(cn_task.build_model().state_dict(), cn_name, cn_args,
+                                             root / "controlnet", cn_task.export_extra())
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -94,3 +94,13 @@ def test_cascade_imagen_and_controlnet_jobs(tmp_path):
     assert "samples/controlnet_grid.png" in artifacts
     for k in ("eval/edge_f1", "eval/base_edge_f1", "eval/edge_f1_gain"):
         assert 0 <= metrics[k] <= 1 or k.endswith("gain"), k
+    assert "pipeline sample models:/controlnet-digits@champion --control PICTURE.png" in control.stdout
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.camera()).save(tmp_path / "camera.png")
+    grid = tmp_path / "controlnet" / "grid.png"
+    sample = run_pipeline(tmp_path / "controlnet", "sample", "models:/controlnet-digits@champion", "--control",
+                          str(tmp_path / "camera.png"), "--num", "4", "--steps", "2", "--out", str(grid))
+    assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
+    assert _png_size(grid) == ((5 * 17 + 1) * 4, (17 + 1) * 4)  # one row: the edge map and 4 samples, 16×16
