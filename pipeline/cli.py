@@ -383,11 +383,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _connect(args.tracking_uri)
     ref = tracking.resolve(args.model)
-    gen = load_generator(tracking.download(ref))
+    model_dir = tracking.download(ref)
+    kind = _model_kind(model_dir)
+    if kind in NOT_SAMPLED or kind in ("superres", "unclip_decoder", "controlnet"):
+        raise SystemExit(f"error: `pipeline eval` measures diffusion models drawn per class or per caption; "
+                         f"{ref.name} v{ref.version} is a {kind} model (its stage's evaluation is in its MLflow run)")
+    gen = load_generator(model_dir)
     classifier, _ = load_exported(tracking.download(tracking.resolve(args.classifier)))
-    real = torch.from_numpy(load_split(args.data, "test")["image"])
-    labels = torch.arange(args.num) % gen.num_classes
-    fake = generate(gen, labels, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed)
+    test = load_split(args.data, "test")
+    real = torch.from_numpy(test["image"])
+    kw = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed}
+    if hasattr(gen.model, "encode_text"):  # text-conditioned: one sample per held-out caption, its class known
+        if not any(c.strip() for c in test["caption"]):
+            raise SystemExit(f"error: {args.data} has no captions to draw this text-conditioned model from")
+        from pipeline.eval.text import generate_from_captions
+
+        idx = [i % len(test["label"]) for i in range(args.num)]
+        labels = torch.as_tensor(test["label"][idx], dtype=torch.long)
+        fake = generate_from_captions(gen, [test["caption"][i] for i in idx], **kw)
+    else:
+        labels = torch.arange(args.num) % gen.num_classes
+        fake = generate(gen, labels, **kw)
     m = sample_metrics(fake, labels, real, classifier)
     print(f"{ref.name} v{ref.version}: class accuracy {m['class_accuracy']:.3f}  FID {m['fid']:.3f}  "
           f"KID {m['kid']:.4f} ± {m['kid_std']:.4f}")

@@ -3,7 +3,8 @@
 The 8x8 bundled digits; a small class-conditional pixel U-Net trained with the real DiffusionTask
 objective (cosine schedule, T = 50), the same U-Net untrained, and a noisy classifier trained with the
 real ClassifierTask objective (x_t ~ q(x_t | x_0), cosine T = 1000), and a ControlNet around the trained
-U-Net as initialised (zero convolutions: it still draws what its base draws). All are exported with
+U-Net as initialised (zero convolutions: it still draws what its base draws), and an untrained
+caption-conditioned U-Net (trainable word encoder). All are exported with
 ``export_weights`` and registered (alias ``champion``) in a temporary SQLite MLflow store.
 """
 
@@ -71,6 +72,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> TinyStore:
     from pipeline.train.controlnet_task import ControlNetTask
     from pipeline.train.export import export_weights
     from pipeline.train.tasks import ClassifierTask, DiffusionTask
+    from pipeline.train.text_task import TextDiffusionTask, resolve_text_encoder
 
     root = tmp_path_factory.mktemp("tiny-eval")
     data_dir = root / "digits8"
@@ -107,6 +109,16 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> TinyStore:
     cn_name, cn_args = cn_task.model_recipe()
     dirs["tiny-controlnet"] = export_weights(cn_task.build_model().state_dict(), cn_name, cn_args,
                                              root / "controlnet", cn_task.export_extra())
+    text_encoder = resolve_text_encoder({"name": "trainable", "args": {"width": 16, "depth": 1, "heads": 2,
+                                                                       "max_length": 8}}, train["caption"])
+    text_unet = {k: v for k, v in UNET_ARGS.items() if k != "num_classes"}
+    t_task = TextDiffusionTask({"model": {"name": "unet", "args": {**text_unet, "attention_resolutions": [1]}},
+                                "diffusion": DIFFUSION}, 10, {"latent_scale": 1.0, "sample_shape": [1, 8, 8]},
+                               text_encoder)
+    torch.manual_seed(0)
+    t_name, t_args = t_task.model_recipe()
+    dirs["tiny-text-untrained"] = export_weights(t_task.build_model().state_dict(), t_name, t_args, root / "text",
+                                                 t_task.export_extra())
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
