@@ -15,49 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.diffusion import Schedule, classifier_free, sample_ancestral, sample_ddim
+from pipeline.eval import Generator, generate
 from pipeline.models.clip import from_diffusion_space
 
 
-def guided_fn(model_fn_c: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, guidance: float
-              ) -> Callable[[Tensor, Tensor], Tensor]:
-    """``fn(x, t)`` of a model conditioned on embeddings ``cond`` (B, D); with ``guidance`` > 0 classifier-free
-    guided (eq. 40) against the zero embedding (the ∅ condition)."""
-    if guidance:
-        return classifier_free(model_fn_c, cond, 0.0, guidance)
-    return lambda x, t: model_fn_c(x, t, cond)
-
-
-def _sample(fn: Callable[[Tensor, Tensor], Tensor], diffusion: dict[str, Any], xT: Tensor, *, steps: int,
-            sampler: str, eta: float, generator: torch.Generator) -> Tensor:
-    schedule = Schedule.make(diffusion.get("schedule", "cosine"), int(diffusion.get("timesteps", 1000)))
-    param = diffusion.get("parameterization", "eps")
-    if sampler == "ddim":
-        return sample_ddim(fn, schedule, xT, steps, eta=eta, parameterization=param, generator=generator)
-    if sampler == "ancestral":
-        return sample_ancestral(fn, schedule.respace(steps), xT, parameterization=param, generator=generator)
-    raise ValueError(f"unknown sampler '{sampler}' (expected ddim or ancestral)")
-
-
-def _draw(model_fn_c: Callable[[Tensor, Tensor, Tensor], Tensor], meta: dict[str, Any], conds: Tensor, *,
-          steps: int, guidance: float, sampler: str, eta: float, seed: int, batch_size: int) -> Tensor:
-    """Samples of shape ``meta``'s sample_shape, one per row of ``conds``, in batches of ``batch_size``."""
-    g = torch.Generator().manual_seed(seed)
-    d = meta["extra"]["diffusion"]
-    out = []
-    for cond in conds.split(batch_size):
-        xT = torch.randn((len(cond), *meta["extra"]["sample_shape"]), generator=g)
-        out.append(_sample(guided_fn(model_fn_c, cond, guidance), d, xT, steps=steps, sampler=sampler, eta=eta,
-                           generator=g))
-    return torch.cat(out)
+def _draw(model: Callable[..., Tensor], meta: dict[str, Any], conds: Tensor, *, steps: int, guidance: float,
+          sampler: str, eta: float, seed: int, batch_size: int) -> Tensor:
+    """Samples of ``meta``'s sample_shape, one per row of ``conds`` (B, D): :func:`pipeline.eval.generate` with the
+    embeddings as its conditions, ``model(x, t, y=embeddings)``. Their ∅ is the zero vector, which generate's
+    classifier-free guidance (eq. 40) takes as its null "label" when ``num_classes`` is 0."""
+    gen = Generator(model, {**meta, "extra": {**meta["extra"], "num_classes": 0}})
+    return generate(gen, conds, steps=steps, guidance=guidance, sampler=sampler, eta=eta, seed=seed,
+                    batch_size=batch_size)
 
 
 @torch.no_grad()
 def sample_prior(prior: nn.Module, meta: dict[str, Any], text_emb: Tensor, *, steps: int, guidance: float = 0.0,
                  sampler: str = "ddim", eta: float = 0.0, seed: int = 0, batch_size: int = 500) -> Tensor:
     """Unit-norm image embeddings (N, D) drawn from the prior P(c_i | y) given text embeddings (N, D)."""
-    x = _draw(lambda x, t, c: prior(x, t, y=c), meta, text_emb, steps=steps, guidance=guidance, sampler=sampler,
-              eta=eta, seed=seed, batch_size=batch_size)
+    x = _draw(prior, meta, text_emb, steps=steps, guidance=guidance, sampler=sampler, eta=eta, seed=seed,
+              batch_size=batch_size)
     return from_diffusion_space(x)
 
 
@@ -66,9 +43,9 @@ def sample_decoder(decoder: nn.Module, meta: dict[str, Any], image_emb: Tensor, 
                    guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                    batch_size: int = 250) -> Tensor:
     """Images (N, C, H, W) in [-1, 1] drawn from the decoder P(x | c_i) given image embeddings (N, D)."""
-    x = _draw(lambda x, t, c: decoder(x, t, embedding=c), meta, image_emb, steps=steps, guidance=guidance,
+    x = _draw(lambda x, t, y: decoder(x, t, embedding=y), meta, image_emb, steps=steps, guidance=guidance,
               sampler=sampler, eta=eta, seed=seed, batch_size=batch_size)
-    return x.float().clamp(-1, 1)
+    return x.clamp(-1, 1)
 
 
 @torch.no_grad()

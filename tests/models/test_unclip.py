@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import SpecError, parse_spec, read_yaml
-from pipeline.eval.unclip import class_text_embeddings, guided_fn, sample_decoder, sample_prior
+from pipeline.diffusion import Schedule, sample_ddim
+from pipeline.eval.unclip import class_text_embeddings, sample_decoder, sample_prior
 from pipeline.models import build_model
 from pipeline.models.clip import drop_embeddings, from_diffusion_space, to_diffusion_space
 from pipeline.models.text import build_vocab, captions_to_bytes
@@ -171,20 +172,39 @@ def test_decoder_cross_attends_to_the_embedding():
         build_model("clip_decoder", denoiser={"name": "unet", "args": {"in_channels": 1, "num_classes": 10}})
 
 
-def test_guided_fn_is_classifier_free_guidance_against_the_zero_embedding():
-    def model_fn(x, t, c):  # a toy "denoiser" whose output depends linearly on the condition
-        return x + 2.0 * c
-
-    x, t, c = torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.randn(3, 4)
-    w = 1.5
-    expected = (1 + w) * model_fn(x, t, c) - w * model_fn(x, t, torch.zeros_like(c))  # eq. 40
-    assert torch.allclose(guided_fn(model_fn, c, w)(x, t), expected)
-    assert torch.allclose(guided_fn(model_fn, c, 0.0)(x, t), model_fn(x, t, c))
-
-
 def _meta(shape, parameterization="x0"):
     return {"extra": {"diffusion": {"schedule": "cosine", "timesteps": 100, "parameterization": parameterization},
                       "sample_shape": shape}}
+
+
+def test_guidance_is_classifier_free_against_the_zero_embedding():
+    """sample_prior / sample_decoder with guidance w: DDIM on (1 + w) ε(c) − w ε(0) (eq. 40), from the seed's x_T."""
+    prior = build_model("clip_prior", embed_dim=8, width=16, depth=1).eval()
+    for p in prior.parameters():  # non-zero blocks, so that the condition matters
+        torch.nn.init.normal_(p, std=0.2)
+    text, w = F.normalize(torch.randn(3, 8), dim=-1), 1.5
+
+    def direct(model_fn_c, shape, parameterization):
+        g = torch.Generator().manual_seed(3)
+        xT = torch.randn((3, *shape), generator=g)
+        fn = lambda x, t: ((1 + w) * model_fn_c(x, t, text) - w * model_fn_c(x, t, torch.zeros_like(text)))  # noqa: E731
+        with torch.no_grad():
+            return sample_ddim(fn, Schedule.make("cosine", 100), xT, 4, parameterization=parameterization, generator=g)
+
+    got = sample_prior(prior, _meta([8]), text, steps=4, guidance=w, seed=3)
+    want = F.normalize(direct(lambda x, t, c: prior(x, t, y=c), [8], "x0"), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    unguided = sample_prior(prior, _meta([8]), text, steps=4, guidance=0.0, seed=3)
+    assert (unguided - got).abs().max() > 1e-3
+
+    dec = build_model("clip_decoder", denoiser={"name": "unet", "args": {
+        "in_channels": 1, "model_channels": 8, "channel_mult": [1], "attention_resolutions": [1], "num_heads": 2}},
+        embed_dim=8, tokens=1, context_dim=8).eval()
+    for p in dec.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    got = sample_decoder(dec, _meta([1, 8, 8], "v"), text, steps=4, guidance=w, seed=3)
+    want = direct(lambda x, t, c: dec(x, t, embedding=c), [1, 8, 8], "v").clamp(-1, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_sample_prior_gives_unit_norm_embeddings_reproducibly():
