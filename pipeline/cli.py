@@ -189,12 +189,19 @@ def _captions(args: argparse.Namespace, what: str) -> list[str]:
 
 def _sample_text(args: argparse.Namespace, ref, gen) -> int:
     """`pipeline sample` for a text-conditioned diffusion model: ``--num`` samples of each ``--caption``."""
-    from pipeline.eval import image_grid
     from pipeline.eval.text import generate_from_captions
 
-    captions = _captions(args, "a text-conditioned model")
-    x = generate_from_captions(gen, captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                               eta=args.eta, seed=args.seed)
+    return _sample_captions(args, ref, "a text-conditioned model",
+                            lambda captions, **kw: generate_from_captions(gen, captions, **kw))
+
+
+def _sample_captions(args: argparse.Namespace, ref, what: str, draw) -> int:
+    """Draw ``--num`` samples of each ``--caption`` with ``draw(captions, steps=, guidance=, sampler=, eta=,
+    seed=)`` and write them as a grid, one row per caption."""
+    from pipeline.eval import image_grid
+
+    captions = _captions(args, what)
+    x = draw(captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta, seed=args.seed)
     Path(args.out).write_bytes(image_grid(x, nrow=args.num, scale=4))
     print(f"{len(x)} samples of {ref.name} v{ref.version} from {len(args.caption)} caption(s) → {args.out}")
     return 0
@@ -276,15 +283,10 @@ def _sample_controlnet(args: argparse.Namespace, ref, model_dir) -> int:
 
 def _sample_unclip(args: argparse.Namespace, ref, model_dir) -> int:
     """`pipeline sample` for an unCLIP decoder: `--num` samples of each `--caption`, one row per caption."""
-    from pipeline.eval import image_grid
     from pipeline.stages.unclip import sample_unclip
 
-    captions = _captions(args, "an unCLIP decoder")
-    x = sample_unclip(model_dir, captions, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                      eta=args.eta, seed=args.seed)
-    Path(args.out).write_bytes(image_grid(x, nrow=args.num, scale=4))
-    print(f"{len(x)} samples of {ref.name} v{ref.version} from {len(args.caption)} caption(s) → {args.out}")
-    return 0
+    return _sample_captions(args, ref, "an unCLIP decoder",
+                            lambda captions, **kw: sample_unclip(model_dir, captions, **kw))
 
 
 def _classifier_guidance(args: argparse.Namespace, gen):
