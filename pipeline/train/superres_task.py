@@ -29,7 +29,6 @@ from pipeline.diffusion.cond_aug import (
     upsample_bicubic,
 )
 from pipeline.models import build_model
-from pipeline.models.text import bytes_to_captions
 from pipeline.train.tasks import make_schedule, on_device, spec_diffusion_loss
 
 
@@ -128,11 +127,9 @@ class SuperResTask:
         self.schedule = on_device(self.schedule, x0.device)
         captions = None
         if self.text_encoder:
-            if "caption_bytes" not in batch:
-                raise ValueError("conditioning: text needs captions in the training batches (no caption column)")
-            from pipeline.train.text_task import drop_captions
+            from pipeline.train.text_task import batch_captions, drop_captions
 
-            captions = drop_captions(bytes_to_captions(batch["caption_bytes"]), self._drop(len(x0), x0.device, gen))
+            captions = drop_captions(batch_captions(batch, "conditioning: text"), self._drop(len(x0), x0.device, gen))
         return spec_diffusion_loss(denoiser(model, cond, y, captions=captions), self.schedule, self.diffusion,
                                    x0, gen)
 

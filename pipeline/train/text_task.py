@@ -25,6 +25,13 @@ from pipeline.train.tasks import DiffusionTask
 log = logging.getLogger("pipeline")
 
 
+def batch_captions(batch: dict[str, Any], who: str) -> list[str]:
+    """The captions of a training batch; a clear error naming ``who`` needs them when the data has none."""
+    if "caption_bytes" not in batch:
+        raise ValueError(f"{who} needs captions in the training batches (the data has no caption column)")
+    return bytes_to_captions(batch["caption_bytes"])
+
+
 def drop_captions(captions: list[str], drop: torch.Tensor) -> list[str]:
     """The captions with those where ``drop`` is True replaced by the empty caption (the CFG ∅)."""
     return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -58,10 +65,8 @@ class TextDiffusionTask(DiffusionTask):
         return build_model("text_conditioned", **self._recipe_args())
 
     def loss(self, model, batch, gen):
-        if "caption_bytes" not in batch:
-            raise ValueError("conditioning: text needs captions in the training batches (no caption column)")
         x0 = batch["image"]
-        captions = bytes_to_captions(batch["caption_bytes"])
+        captions = batch_captions(batch, "conditioning: text")
         drop = condition_dropout(len(x0), self.diffusion.get("label_dropout", 0.1), x0.device, gen)
         captions = drop_captions(captions, drop)  # classifier-free guidance's ∅ condition (eq. 40)
         return self.denoising_loss(lambda xt, tt: model(xt, tt, captions=captions), x0, gen)

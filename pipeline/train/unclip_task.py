@@ -22,16 +22,9 @@ from torch import nn
 from pipeline.diffusion import condition_dropout
 from pipeline.models import build_model
 from pipeline.models.clip import drop_embeddings, to_diffusion_space
-from pipeline.models.text import bytes_to_captions
 from pipeline.objectives.contrastive import caption_groups, clip_loss
 from pipeline.train.tasks import make_schedule, on_device, spec_diffusion_loss
-
-
-def batch_captions(batch: dict[str, Any], kind: str) -> list[str]:
-    """The captions of a training batch; a clear error when the data has none."""
-    if "caption_bytes" not in batch:
-        raise ValueError(f"a {kind} stage needs captions in the training batches (the data has no caption column)")
-    return bytes_to_captions(batch["caption_bytes"])
+from pipeline.train.text_task import batch_captions
 
 
 def clip_args(spec_args: dict[str, Any], text_encoder: dict[str, Any], in_channels: int) -> dict[str, Any]:
@@ -61,7 +54,7 @@ class ClipTask:
         return build_model(self.model_spec["name"], **self.args)
 
     def loss(self, model, batch, gen):
-        captions = batch_captions(batch, "clip")
+        captions = batch_captions(batch, "a clip stage")
         image_emb, text_emb, logit_scale = model(batch["image"], captions)
         return clip_loss(image_emb, text_emb, logit_scale, caption_groups(captions, image_emb.device))
 
@@ -127,7 +120,7 @@ class ClipPriorTask:
         return build_model(self.model_spec["name"], **self.args)
 
     def loss(self, model, batch, gen):
-        captions = batch_captions(batch, "clip_prior")
+        captions = batch_captions(batch, "a clip_prior stage")
         x = batch["image"]
         c_i = to_diffusion_space(self.clip.images(x))  # (B, D): the prior's x_0
         c_t = self.clip.texts(captions, x.device)  # (B, D)
