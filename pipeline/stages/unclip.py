@@ -158,15 +158,14 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
     manifest = read_manifest(ctx.data_dir)
     h, w, c = manifest.image_size
     ps = ctx.spec.stages[prior_name].sampling
-    data_info = {"sample_shape": [c, h, w], "clip": clip_ref.uri, "prior": prior_ref.uri,
-                 "prior_sampling": {"steps": ps.steps, "guidance": ps.guidance, "sampler": ps.sampler, "eta": ps.eta}}
+    pri_kw = {"steps": ps.steps, "guidance": ps.guidance, "sampler": ps.sampler, "eta": ps.eta}
+    data_info = {"sample_shape": [c, h, w], "clip": clip_ref.uri, "prior": prior_ref.uri, "prior_sampling": pri_kw}
     export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"inputs": {"clip": {"uri": clip_ref.source}}, "data_info": data_info})
     decoder, meta = load_exported(export)
 
     s = stage.sampling
     dec_kw = {"steps": s.steps, "guidance": s.guidance, "sampler": s.sampler, "eta": s.eta}
-    pri_kw = {"steps": ps.steps, "guidance": ps.guidance, "sampler": ps.sampler, "eta": ps.eta}
     test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
     n = min(s.num_samples, ctx.spec.eval.num_samples)
     idx = cycle_indices(n, len(test["label"]))
@@ -179,9 +178,10 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
                             prior_kw={**pri_kw, "seed": ctx.spec.seed}, decoder_kw={**dec_kw, "seed": ctx.spec.seed})
     secs = time.perf_counter() - t0
     text_emb = encode_texts(clip, captions)
+    real_emb = encode_images(clip, real[idx])
     metrics: dict[str, float] = {"eval/samples_per_sec": n / secs,
                                  "eval/clip_similarity": cosine(encode_images(clip, fake), text_emb),
-                                 "eval/real_clip_similarity": cosine(encode_images(clip, real[idx]), text_emb)}
+                                 "eval/real_clip_similarity": cosine(real_emb, text_emb)}
     rows = class_captions(test["caption"], test["label"], manifest.num_classes)
     grid, _ = text_to_image(clip, prior, prior_meta, decoder, meta, [r for r in rows for _ in range(8)],
                             prior_kw={**pri_kw, "seed": ctx.spec.seed + 1},
@@ -198,7 +198,7 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
     classifier = _classifier(ctx)
     if classifier is not None:
         metrics.update({f"eval/{m}": v for m, v in sample_metrics(fake, labels, real, classifier).items()})
-        recon = sample_decoder(decoder, meta, encode_images(clip, real[idx]), seed=ctx.spec.seed, **dec_kw)
+        recon = sample_decoder(decoder, meta, real_emb, seed=ctx.spec.seed, **dec_kw)
         metrics["eval/reconstruction_class_accuracy"] = float((classify(classifier, recon) == labels).float().mean())
         if s.guidance or ps.guidance:
             plain, _ = text_to_image(clip, prior, prior_meta, decoder, meta, captions,
