@@ -224,19 +224,24 @@ class DiffusionStage(_TrainedStage):
         return self
 
 
+def _check_text_encoder(spec: TextEncoderSpec) -> None:
+    """The encoder's name and args are valid (and minilm's package is installed), or a ValueError naming the key."""
+    from pipeline.models.text import check_text_encoder_spec
+
+    try:
+        check_text_encoder_spec(spec.model_dump())
+    except (ValueError, ImportError) as exc:  # unknown args, or minilm's package not installed
+        raise ValueError(f"text_encoder: {exc}") from None
+
+
 def _check_text_conditioning(stage: DiffusionStage | SuperResStage) -> None:
     """Validate ``conditioning`` / ``text_encoder`` of a stage (and default the encoder to `trainable`)."""
     if stage.conditioning == "class":
         if stage.text_encoder is not None:
             raise ValueError("text_encoder is set but conditioning is 'class'; set conditioning: text")
         return
-    from pipeline.models.text import check_text_encoder_spec
-
     stage.text_encoder = stage.text_encoder or TextEncoderSpec()
-    try:
-        check_text_encoder_spec(stage.text_encoder.model_dump())
-    except (ValueError, ImportError) as exc:  # unknown args, or minilm's package not installed
-        raise ValueError(f"text_encoder: {exc}") from None
+    _check_text_encoder(stage.text_encoder)
     if stage.model.args.get("num_classes"):
         raise ValueError("conditioning: text takes no class labels; remove model.args.num_classes")
     if stage.sampling.classifier_scale:
@@ -443,12 +448,7 @@ class ClipStage(_TrainedStage):
             raise ValueError(f"model.name is {self.model.name!r}; a clip stage trains the `clip` model")
         if "text_encoder" in self.model.args:
             raise ValueError("set the text encoder with the stage's `text_encoder` key, not model.args.text_encoder")
-        from pipeline.models.text import check_text_encoder_spec
-
-        try:
-            check_text_encoder_spec(self.text_encoder.model_dump())
-        except (ValueError, ImportError) as exc:
-            raise ValueError(f"text_encoder: {exc}") from None
+        _check_text_encoder(self.text_encoder)
         return self
 
 
