@@ -123,7 +123,6 @@ def _connect(uri: str | None) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
 
     from pipeline import tracking
     from pipeline.eval import generate, image_grid
@@ -150,15 +149,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.caption:
         raise SystemExit("error: --caption needs a text-conditioned model (unCLIP decoder, conditioning: text); "
                          "this model takes --label")
-    if args.label is not None:
-        if not 0 <= args.label < gen.num_classes:
-            raise SystemExit(f"error: --label must be in [0, {gen.num_classes - 1}]")
-        labels = torch.full((args.num,), args.label, dtype=torch.long)
-    else:
-        labels = torch.arange(args.num) % gen.num_classes
-    steps = args.steps if args.steps is not None else None
+    labels = _labels(args, gen.num_classes)
     cond_fn = _classifier_guidance(args, gen)
-    x = generate(gen, labels, steps=steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
+    x = generate(gen, labels, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
                  seed=args.seed, cond_fn=cond_fn, classifier_scale=args.classifier_scale if cond_fn else 0.0)
     Path(args.out).write_bytes(image_grid(x, nrow=args.nrow, scale=4))
     guided = f", classifier guidance {args.classifier_scale:g} ({args.classifier})" if cond_fn else ""
@@ -170,6 +163,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 NOT_SAMPLED = {"autoencoder": "not a generator of its own", "classifier": "not a generator",
                "clip": "an encoder pair; sample its unCLIP decoder", "clip_prior": "it samples image embeddings; "
                "sample its unCLIP decoder", "prior": "a PixelCNN over VQ codes"}
+
+
+def _check_label(args: argparse.Namespace, num_classes: int) -> None:
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise SystemExit(f"error: --label must be in [0, {num_classes - 1}]")
+
+
+def _labels(args: argparse.Namespace, num_classes: int):
+    """``--num`` labels: all ``--label``, or the classes in turn."""
+    import torch
+
+    _check_label(args, num_classes)
+    if args.label is not None:
+        return torch.full((args.num,), args.label, dtype=torch.long)
+    return torch.arange(args.num) % num_classes
 
 
 def _model_kind(model_dir) -> str | None:
@@ -225,10 +233,7 @@ def _sample_cascade(args: argparse.Namespace, ref, model_dir) -> int:
     else:
         if args.caption or args.classifier:
             raise SystemExit("error: this cascade is class-conditional: it takes --label (no --caption/--classifier)")
-        n_cls = int(chain[0][1]["extra"]["num_classes"])
-        if args.label is not None and not 0 <= args.label < n_cls:
-            raise SystemExit(f"error: --label must be in [0, {n_cls - 1}]")
-        labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % n_cls
+        labels = _labels(args, int(chain[0][1]["extra"]["num_classes"]))
         captions, nrow = None, args.nrow
     x = sample_cascade(chain, labels, args.seed, captions=captions)[-1]
     Path(args.out).write_bytes(image_grid(x, nrow=nrow, scale=4))
@@ -263,8 +268,7 @@ def _sample_controlnet(args: argparse.Namespace, ref, model_dir) -> int:
     n_cls = int(extra.get("num_classes", 0))
     if args.label is not None and not (extra.get("class_labels") and n_cls):
         raise SystemExit("error: this ControlNet was trained without class labels: drop --label")
-    if args.label is not None and not 0 <= args.label < n_cls:
-        raise SystemExit(f"error: --label must be in [0, {n_cls - 1}]")
+    _check_label(args, n_cls)
     if args.guidance and args.label is None:
         raise SystemExit("error: --guidance guides toward a class: give --label too")
     label = args.label if args.label is not None else n_cls  # the null label ∅ without --label
