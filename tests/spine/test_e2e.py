@@ -73,7 +73,7 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
 
     grid = tmp_path / "grid.png"
     out = run_pipeline(tmp_path, "sample", "models:/ldm-distilled@champion", "--label", "3", "--num", "8",
-                    "--out", str(grid))
+                       "--out", str(grid))
     assert out.returncode == 0, out.stderr[-2000:]
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -72,7 +72,7 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
 
     out = tmp_path / "generation.json"
     bench = run_pipeline(tmp_path, "bench", "generation", str(job), *sets, "--num", "20", "--teacher-steps", "4,2",
-                      "--cfg", "0", "--cg-scales", "1", "--json", str(out), timeout=1200)
+                         "--cfg", "0", "--cg-scales", "1", "--json", str(out), timeout=1200)
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     models = [r["model"] for r in rows]
