@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class SpecError(Exception):
@@ -52,6 +52,14 @@ def user_error_root(exc: BaseException, kinds: tuple[type[BaseException], ...]) 
             if isinstance(inner, BaseException):
                 queue.append(inner)
     return None
+
+
+_RAY_DATA_RETRY_NOTE = "\nFailed to apply UDF transform after "
+
+
+def user_message(root: BaseException) -> str:
+    """The message of a user error, without the retry note Ray Data appends to errors from its tasks."""
+    return str(root).split(_RAY_DATA_RETRY_NOTE, 1)[0]
 
 
 class _Strict(BaseModel):
@@ -93,7 +101,11 @@ class TrainSpec(_Strict):
 
 
 class GateSpec(_Strict):
-    """A metric threshold: `champion` moves to the new version only when it passes."""
+    """A metric threshold: `champion` moves to a new version only when it passes and does not regress.
+
+    A `min` bound makes the metric "higher is better", a `max` bound "lower is better" (min wins when
+    both are given); `pipeline.tracking.judge` is the promotion rule.
+    """
 
     metric: str
     max: float | None = None
@@ -116,10 +128,19 @@ class GateSpec(_Strict):
 
 
 class RegisterSpec(_Strict):
-    """Where a stage's result is registered in the MLflow model registry."""
+    """Where a stage's result is registered in the MLflow model registry, and its promotion gate."""
 
     name: str
-    gate: GateSpec | None = None
+    gate: GateSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_required(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gate") is None:
+            raise ValueError("`gate` is required: every registered stage needs one ({metric: M, min: X} or "
+                             "{metric: M, max: X}, a metric the stage logs); `champion` moves only to versions "
+                             "that pass it and do not regress on M")
+        return data
 
 
 class _StageBase(_Strict):
@@ -176,16 +197,27 @@ class DiffusionSpec(_Strict):
     parameterization: Literal["eps", "x0", "v"] = "eps"
     loss: Literal["simple", "hybrid"] = "simple"
     lambda_vlb: float = Field(0.001, ge=0)
-    learn_sigma: bool = False
+    learn_sigma: bool = Field(False, validate_default=True)
     label_dropout: float = Field(0.1, ge=0, le=1)
+
+    @field_validator("learn_sigma")
+    @classmethod
+    def _hybrid_needs_learned_sigma(cls, v: bool, info: ValidationInfo) -> bool:
+        # L_hybrid = L_simple + λ L_VLB (notes 2.2.4): with a fixed Σ the VLB term has no gradient of its own
+        if info.data.get("loss") == "hybrid" and not v:
+            raise ValueError("diffusion.loss: hybrid needs learned Σ (eq. 35; its λ·L_VLB term only trains Σ_θ): "
+                             "set diffusion.learn_sigma: true and model.args.learn_sigma: true, or use loss: simple")
+        return v
 
 
 class SamplingSpec(_Strict):
     """How samples are drawn for the grid and the evaluation."""
 
-    sampler: Literal["ddim", "ancestral"] = "ddim"
-    steps: int = Field(50, ge=1)
+    sampler: Literal["ddim", "ancestral", "langevin"] = "ddim"
+    steps: int = Field(50, ge=1)  # langevin: the number of noise levels
     eta: float = Field(0.0, ge=0)
+    langevin_steps: int = Field(3, ge=1)  # langevin: steps of eq. 32 per noise level
+    langevin_step_ratio: float = Field(0.5, gt=0)  # langevin: δ = ratio·σ² at every level (eq. 32-33)
     guidance: float = Field(0.0, ge=0)
     num_samples: int = Field(500, ge=1)
     classifier: str | None = None  # classifier guidance: a noisy `classifier` stage or models:/NAME@ALIAS
@@ -363,8 +395,25 @@ class ControlNetStage(_TrainedStage):
         return self
 
 
+class CurriculumSpec(_Strict):
+    """Consistency training's schedule of N (levels) and μ (target EMA) over the K training steps (Song et al.
+    2023, CT of eq. 46): N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1, μ(k) = exp(s0·log μ0 / N(k))."""
+
+    s0: int = Field(2, ge=2)  # initial number of levels N(0)
+    s1: int = Field(150, ge=1)  # final number of levels N(K) = s1 + 1
+    mu0: float = Field(0.9, gt=0, lt=1)  # initial target EMA μ(0)
+
+    @model_validator(mode="after")
+    def _grows(self) -> CurriculumSpec:
+        if self.s1 + 1 < self.s0:
+            raise ValueError(f"s1 + 1 = {self.s1 + 1} must be >= s0 = {self.s0} (N(k) grows from s0 to s1 + 1)")
+        return self
+
+
 class ConsistencyStage(_TrainedStage):
-    """Consistency model (eq. 44-46): `mode: distill` from the diffusion stage it needs, or `mode: train`."""
+    """Consistency model (eq. 44-46): `mode: distill` from the diffusion stage it needs, or `mode: train`.
+
+    CD uses a fixed number of `levels` and a fixed target EMA `target_ema`; CT follows `curriculum`."""
 
     kind: Literal["consistency"]
     mode: Literal["distill", "train"]
@@ -375,6 +424,7 @@ class ConsistencyStage(_TrainedStage):
     rho: float = Field(7.0, gt=0)
     sigma_data: float = Field(1.0, gt=0)
     target_ema: float = Field(0.95, ge=0, lt=1)
+    curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)  # mode train only
     guidance: float = Field(0.0, ge=0)
     label_dropout: float = Field(0.1, ge=0, le=1)
     eval_steps: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
@@ -388,6 +438,16 @@ class ConsistencyStage(_TrainedStage):
             raise ValueError("mode: train needs `model` (the network to train from scratch)")
         if self.mode == "distill" and self.model is not None:
             raise ValueError("mode: distill copies the teacher's network; remove `model`")
+        if self.mode == "train":
+            fixed = sorted({"levels", "target_ema"} & self.model_fields_set)
+            if fixed:
+                raise ValueError(f"mode: train follows the N(k)/μ(k) curriculum; remove {', '.join(fixed)} and set "
+                                 "curriculum: {s0, s1, mu0} instead")
+            if any(k < 1 or k > self.curriculum.s1 for k in self.eval_steps):
+                raise ValueError(f"eval_steps must lie in [1, curriculum.s1 = {self.curriculum.s1}] (N(K) = s1 + 1)")
+            return self
+        if "curriculum" in self.model_fields_set:
+            raise ValueError("mode: distill uses fixed `levels` and `target_ema`; remove `curriculum` (CT only)")
         if any(k < 1 or k >= self.levels for k in self.eval_steps):
             raise ValueError(f"eval_steps must lie in [1, levels-1 = {self.levels - 1}]")
         return self

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.config import ClusterError, JobSpec, SpecError, flatten, user_error_root
+from pipeline.config import ClusterError, JobSpec, SamplingSpec, SpecError, flatten, user_error_root, user_message
 from pipeline.data import DataError, build_dataset, load_split, manifest_sha256, read_manifest
 
 log = logging.getLogger("pipeline")
@@ -58,6 +58,7 @@ class JobContext:
     latent_dirs: dict[str, Path] = field(default_factory=dict)  # encode stage -> latent shards
     outcomes: list[StageOutcome] = field(default_factory=list)
     last_checkpoint: Any = None  # Ray Train checkpoint of the latest fit (in the run's storage)
+    force_promote: bool = False  # `pipeline run --force-promote`: a worse version inside its bounds takes champion
 
 
 # ----------------------------------------------------------------------------- setup
@@ -186,7 +187,9 @@ def init_ray(spec: JobSpec) -> None:
                  runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a DataError raised in a map task reaches us as itself
     if address:
         _pin_ray_data_stats_actor()
 
@@ -385,11 +388,12 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
 
 def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, guidance: float,
                     num_samples: int, prefix: str, sampler: str = "ddim", classifier_guide: str | None = None,
-                    classifier_scale: float = 0.0) -> dict[str, float]:
+                    classifier_scale: float = 0.0, sampling: SamplingSpec | None = None) -> dict[str, float]:
     """Sample class-conditionally, log a grid, and measure against held-out data.
 
     With `classifier_guide` (a noisy classifier stage or models:/ URI) and `classifier_scale`, samples are
-    drawn with classifier guidance (eq. 36-38) on top of classifier-free guidance `guidance`.
+    drawn with classifier guidance (eq. 36-38) on top of classifier-free guidance `guidance`. `sampling` (the
+    stage's spec) brings the sampler's own settings: DDIM's η, Langevin's steps per level and step ratio.
     """
     from pipeline.eval import generate, image_grid, sample_metrics
 
@@ -398,8 +402,11 @@ def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, gui
     n_cls = gen.num_classes
     labels = torch.arange(num_samples) % n_cls
     guide = {}
+    if sampling is not None:
+        guide = {"eta": sampling.eta, "langevin_steps": sampling.langevin_steps,
+                 "langevin_step_ratio": sampling.langevin_step_ratio}
     if classifier_guide and classifier_scale:
-        guide = {"cond_fn": guidance_cond_fn(ctx, classifier_guide, gen), "classifier_scale": classifier_scale}
+        guide |= {"cond_fn": guidance_cond_fn(ctx, classifier_guide, gen), "classifier_scale": classifier_scale}
     t0 = time.perf_counter()
     fake = generate(gen, labels, steps=steps, guidance=guidance, sampler=sampler, seed=ctx.spec.seed, **guide)
     secs = time.perf_counter() - t0
@@ -470,7 +477,8 @@ def run_diffusion(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> 
     s = stage.sampling
     metrics = _eval_generator(ctx, run_id, export, steps=s.steps, guidance=s.guidance,
                               num_samples=min(s.num_samples, ctx.spec.eval.num_samples), prefix="",
-                              sampler=s.sampler, classifier_guide=s.classifier, classifier_scale=s.classifier_scale)
+                              sampler=s.sampler, classifier_guide=s.classifier, classifier_scale=s.classifier_scale,
+                              sampling=s)
     return export, metrics
 
 
@@ -538,8 +546,12 @@ RUNNERS.update(unclip_runners())  # clip, clip_prior, unclip_decoder (notes 2.6.
 # ----------------------------------------------------------------------------- driver
 
 
-def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
-    """Run every stage of `spec` in order; returns what each stage did."""
+def run_job(spec: JobSpec, spec_path: str | Path, *, force_promote: bool = False) -> list[StageOutcome]:
+    """Run every stage of `spec` in order; returns what each stage did.
+
+    `force_promote` lets a stage's new version take `champion` even when worse than the current one
+    (never outside its gate's bounds); see `promote_stage`.
+    """
     from mlflow.tracking import MlflowClient
 
     import mlflow
@@ -557,7 +569,8 @@ def run_job(spec: JobSpec, spec_path: str | Path) -> list[StageOutcome]:
                                tags={"pipeline.job": spec.name, "pipeline.spec_path": str(spec_path),
                                      "pipeline.code_version": tracking.code_version()})
     ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=exp.experiment_id,
-                     parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir)
+                     parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir,
+                     force_promote=force_promote)
     _log_spec_artifact(parent.info.run_id, Path(spec_path))
     tracking.log_params_flat(parent.info.run_id, redacted_params(spec.model_dump(mode="json")))
     status = "FAILED"
@@ -593,7 +606,7 @@ def _stage_user_error(ctx: JobContext, name: str, exc: Exception) -> Exception:
     root = user_error_root(exc, (SpecError, DataError, ClusterError, tracking.TrackingError, NonFiniteLoss))
     if root is None:
         return exc
-    msg = str(root)
+    msg = user_message(root)
     if isinstance(root, DataError) and ctx.spec.data.on_corrupt == "fail" and (
             "corrupt member" in msg or "image shape" in msg or "has no" in msg):
         msg += (" — set data.on_corrupt=skip to skip and count such samples, or rebuild the shards "
@@ -602,6 +615,30 @@ def _stage_user_error(ctx: JobContext, name: str, exc: Exception) -> Exception:
         return type(root)(f"stage '{name}': {msg}")
     except TypeError:  # an exception type that takes other arguments
         return ClusterError(f"stage '{name}': {msg}")
+
+
+def promote_stage(ctx: JobContext, name: str, ref: tracking.ModelRef) -> bool:
+    """Move `champion` to the stage's new version `ref` by the rule of `pipeline promote` (`tracking.judge`).
+
+    The version must pass the stage's gate and not be worse than the current champion on the gate
+    metric (`ctx.force_promote` skips that comparison, not the bounds). Sets `ctx.refs[name]` to the
+    version the next stages use: `ref`, or the earlier champion; raises when there is none.
+    """
+    g = ctx.spec.stages[name].registry.gate
+    r = tracking.promote(ref.name, "champion", ref.version, force=ctx.force_promote,
+                         gate=tracking.Gate.from_bounds(g.metric, g.min, g.max))
+    if r.promoted:
+        ctx.refs[name] = ref
+        if r.forced:
+            log.warning("[%s] %s v%s → champion: %s", name, ref.name, ref.version, r.reason)
+        return True
+    if r.previous is None:
+        raise RuntimeError(f"stage {name}: {ref.name} v{ref.version} failed its gate ({r.reason}) and there is "
+                           "no earlier champion for the next stages to use")
+    log.warning("[%s] %s v%s not promoted: %s; champion stays v%s", name, ref.name, ref.version, r.reason,
+                r.previous.version)
+    ctx.refs[name] = r.previous
+    return False
 
 
 def run_stage(ctx: JobContext, name: str) -> StageOutcome:
@@ -647,20 +684,7 @@ def run_stage(ctx: JobContext, name: str) -> StageOutcome:
                 **{f"pipeline.input.{k}": v.uri for k, v in inputs.items()}}
         ref = tracking.register(stage.registry.name, run_id, export, tags)
         tracking.set_alias(ref.name, "candidate", ref.version)
-        gate = stage.registry.gate
-        promoted = gate is None or gate.passes(metrics)
-        if promoted:
-            tracking.set_alias(ref.name, "champion", ref.version)
-            ctx.refs[name] = ref
-        else:
-            log.warning("[%s] %s v%s did not pass its gate (%s = %s); champion unchanged", name, ref.name,
-                        ref.version, gate.metric, metrics.get(gate.metric))
-            prev = tracking.find_alias(stage.registry.name, "champion")
-            if prev is None:
-                raise RuntimeError(f"stage {name}: {ref.name} v{ref.version} failed its gate "
-                                   f"({gate.metric}={metrics.get(gate.metric)}) and there is no earlier "
-                                   "champion for the next stages to use")
-            ctx.refs[name] = prev
+        promoted = promote_stage(ctx, name, ref)
         status = "FINISHED"
         shown = {k: round(v, 4) for k, v in metrics.items()}
         log.info("[%s] registered %s v%s%s  %s", name, ref.name, ref.version,

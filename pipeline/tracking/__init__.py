@@ -180,6 +180,11 @@ class Gate:
     min: float | None = None
     max: float | None = None
 
+    @classmethod
+    def from_bounds(cls, metric: str, min: float | None = None, max: float | None = None) -> Gate:  # noqa: A002
+        """A stage's gate: a `min` bound makes the metric "higher is better", a `max` bound "lower is better"."""
+        return cls(metric=metric, higher_is_better=min is not None, min=min, max=max)
+
     def within_bounds(self, value: float | None) -> bool:
         """True when `value` is a number inside the gate's bounds."""
         if value is None or value != value:
@@ -193,11 +198,49 @@ class Gate:
         return a > b if self.higher_is_better else a < b
 
 
-def gate_of(ref: ModelRef) -> Gate | None:
-    """The gate of the stage that produced `ref`, read from its run's params (`registry.gate.*`).
+@dataclass(frozen=True)
+class Verdict:
+    """The promotion rule's answer: move the alias or not, whether `force` decided it, and why."""
 
-    A stage gated by `min` is "higher is better", one gated by `max` "lower is better".
+    promoted: bool
+    forced: bool
+    reason: str
+
+
+def judge(gate: Gate | None, value: float | None, held: float | None, *, holder: str | None,
+          force: bool = False) -> Verdict:
+    """The promotion rule of `pipeline promote` and of a job's stages (one rule for both).
+
+    A candidate with metric `value` takes the alias from `holder` (e.g. "champion v3", None when the
+    alias points nowhere; `held` is its value) when it is inside the gate's bounds and not worse than
+    `held` (a tie promotes: no regression). `force` skips the comparison, never the bounds; a holder
+    without a comparable value (missing or NaN) does not block. Without a gate only `force` promotes.
     """
+    if gate is None:
+        if force:
+            return Verdict(True, True, "forced (no gate is known)")
+        return Verdict(False, False, "no gate is known (its run has no registry.gate params); use --force to "
+                                     "promote anyway")
+    m = gate.metric
+    if value is None:
+        return Verdict(False, False, f"{m} was not logged by the candidate's run (check the gate's metric name)")
+    if not gate.within_bounds(value):
+        note = " (force skips only the comparison, not the bounds)" if force else ""
+        return Verdict(False, False, f"{m}={value} is outside the gate bounds (min={gate.min}, max={gate.max})"
+                                     f"{note}")
+    if holder is None:
+        return Verdict(True, False, f"{m}={value:.6g} passes the gate and there is no current holder")
+    if held is None or held != held:
+        return Verdict(True, False, f"{m}={value:.6g} passes the gate; {holder} has no {m} value to compare")
+    way = "higher" if gate.higher_is_better else "lower"
+    if gate.better(held, value):
+        worse = f"{m}={value:.6g} is worse than {holder} ({held:.6g}; {way} is better)"
+        return Verdict(True, True, f"forced: {worse}") if force else Verdict(False, False, worse)
+    return Verdict(True, False, f"{m}={value:.6g} is not worse than {holder} ({held:.6g}; {way} is better)")
+
+
+def gate_of(ref: ModelRef) -> Gate | None:
+    """The gate of the stage that produced `ref`, read from its run's params (`registry.gate.*`)."""
     from mlflow.tracking import MlflowClient
 
     if not ref.run_id:
@@ -211,8 +254,7 @@ def gate_of(ref: ModelRef) -> Gate | None:
     metric = params.get("registry.gate.metric")
     if not metric or metric == "None":
         return None
-    lo, hi = num("registry.gate.min"), num("registry.gate.max")
-    return Gate(metric=metric, higher_is_better=lo is not None, min=lo, max=hi)
+    return Gate.from_bounds(metric, num("registry.gate.min"), num("registry.gate.max"))
 
 
 def run_metric(ref: ModelRef, metric: str) -> float | None:
@@ -242,12 +284,11 @@ class Promotion:
 
 def promote(name: str, to: str = "champion", from_: str = "candidate", *, force: bool = False,
             gate: Gate | None = None) -> Promotion:
-    """Move `models:/name@to` to the version `from_` names, when it beats the current holder.
+    """Move `models:/name@to` to the version `from_` names, when `judge` says so.
 
-    `from_` is an alias or a version number. The candidate must be inside its gate's bounds and
-    strictly better than the current `to` version on the gate metric (read from the versions'
-    runs); `force` skips the comparison and is recorded on the version as tags
-    `pipeline.promotion.*`. The gate defaults to the one the candidate's stage was run with.
+    `from_` is an alias or a version number. The values are read from the versions' runs; the gate
+    defaults to the one the candidate's stage was run with. A promotion is recorded on the version as
+    tags `pipeline.promotion.<to>.*` (`forced` is "true" when `force` overrode a worse comparison).
     """
     from mlflow.tracking import MlflowClient
 
@@ -257,28 +298,15 @@ def promote(name: str, to: str = "champion", from_: str = "candidate", *, force:
     metric = gate.metric if gate else None
     cv = run_metric(cand, metric) if metric else None
     pv = run_metric(prev, metric) if (metric and prev) else None
-    result = Promotion(name, to, cand, prev, False, force, "", metric, cv, pv)
+    result = Promotion(name, to, cand, prev, False, False, "", metric, cv, pv)
     if prev is not None and prev.version == cand.version:
         result.reason = f"v{cand.version} already holds @{to}"
         return result
-    if force:
-        result.promoted, result.reason = True, "forced"
-    elif gate is None:
-        result.reason = (f"no gate is known for {name} v{cand.version} (its run has no registry.gate params); "
-                         "use --force to promote anyway")
-    elif not gate.within_bounds(cv):
-        result.reason = f"candidate {metric}={cv} is outside the gate bounds (min={gate.min}, max={gate.max})"
-    elif prev is not None and pv is not None and pv == pv and not gate.better(cv, pv):
-        way = "higher" if gate.higher_is_better else "lower"
-        result.reason = (f"candidate v{cand.version} {metric}={cv:.6g} does not beat {to} v{prev.version} "
-                         f"({pv:.6g}; {way} is better)")
-    else:
-        result.promoted = True
-        result.reason = ("no current " + to) if prev is None or pv is None else (
-            f"{metric} {cv:.6g} beats {pv:.6g} of v{prev.version}")
+    verdict = judge(gate, cv, pv, holder=f"{to} v{prev.version}" if prev else None, force=force)
+    result.promoted, result.forced, result.reason = verdict.promoted, verdict.forced, verdict.reason
     if result.promoted:
         client = MlflowClient()
-        for k, v in {f"pipeline.promotion.{to}.forced": str(force).lower(),
+        for k, v in {f"pipeline.promotion.{to}.forced": str(verdict.forced).lower(),
                      f"pipeline.promotion.{to}.previous": prev.uri if prev else "",
                      f"pipeline.promotion.{to}.reason": result.reason[:500]}.items():
             client.set_model_version_tag(name, cand.version, k, v)
