@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 log = logging.getLogger("pipeline")
 
@@ -42,6 +45,165 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return user_error_root(exc, _user_errors())
 
 
+#: what Ray Data appends to the message of an exception raised in a map task (not the user's business)
+class UsageError(SystemExit):
+    """Bad command-line input: `main` prints ``error: <message>`` as the last stderr line and exits 2.
+
+    A `SystemExit` whose ``code`` is 2 and whose ``str()`` is the message, so callers of `main` and
+    of the command functions can match the message (``pytest.raises(SystemExit, match=...)``).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the pipeline's error form: the usage, then ``error: PROG: argument --x: why`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+_SEED_MAX = 2**32 - 1
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a `kind` (int or float) in the range [lo, hi] (open ends where asked)."""
+    def show(v: float) -> str:
+        return str(int(v)) if kind is int else f"{v:g}"
+
+    noun = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        want = f"{noun} in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        want = f"{noun} {'>' if lo_open else '≥'} {show(lo)}"
+    else:
+        want = noun
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        below = lo is not None and (value < lo or (lo_open and value == lo))
+        above = hi is not None and (value > hi or (hi_open and value == hi))
+        if below or above or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _out_path(text: str) -> str:
+    """An argparse ``type=`` for ``--out``: its folder must exist (commands never create the folders above
+    what they write) and it must not be an existing folder."""
+    path = Path(text)
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {str(parent)!r} of {text!r} does not exist; create it "
+                                         f"first (mkdir -p {parent})")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """``--out`` of a command that writes one file: as `_out_path`, and not an existing folder."""
+    if Path(_out_path(text)).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. {Path(text) / 'grid.png'}")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    """``--out`` of a command that writes a folder: as `_out_path`, and not an existing file."""
+    if Path(_out_path(text)).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder to write the dataset to")
+    return text
+
+
+def _existing_dir(text: str) -> str:
+    """An argparse ``type=``: a folder that exists."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {text!r}" + (" (it is a file)" if Path(text).exists() else ""))
+    return text
+
+
+def _data_dir(text: str) -> str:
+    """An argparse ``type=`` for ``--data``: a dataset folder that exists (its shards are read later)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no dataset folder {text!r}; build it with `pipeline data build --out "
+                                         f"{text}` or give the folder of one")
+    return text
+
+
+def _model_uri(text: str) -> str:
+    """An argparse ``type=``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from pipeline.tracking import TrackingError, parse_model_uri
+
+    try:
+        parse_model_uri(text)
+    except TrackingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _alias(text: str) -> str:
+    """An argparse ``type=``: a registry alias (letters, digits, ``_`` and ``-``; not only digits)."""
+    if not re.fullmatch(r"[\w-]+", text) or text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an alias name (letters, digits, _ and -, e.g. champion)")
+    return text
+
+
+def _alias_or_version(text: str) -> str:
+    """An argparse ``type=``: a registry alias or a version number."""
+    return text if text.isdigit() and int(text) > 0 else _alias(text)
+
+
+def _model_name(text: str) -> str:
+    """An argparse ``type=``: a registered model's name (no ``/``, ``@`` or ``:``)."""
+    if not text or re.search(r"[/@:\s]", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a model URI or not a name; give the registered name "
+                                         "alone, e.g. ldm")
+    return text
+
+
+def _data_source(text: str) -> str:
+    """An argparse ``type=`` for ``data build --source``: a named source, or ``imagefolder:PATH`` of a folder."""
+    from pipeline.data import SOURCES
+
+    named = [s for s in SOURCES if ":" not in s]
+    if text.startswith("imagefolder:"):
+        folder = text.split(":", 1)[1]
+        if not Path(folder).is_dir():
+            raise argparse.ArgumentTypeError(f"image folder {folder!r} does not exist; expected "
+                                             "PATH/<class_name>/*.png|jpg")
+    elif text not in named:
+        raise argparse.ArgumentTypeError(f"unknown data source {text!r}; valid sources: {', '.join(SOURCES)}")
+    return text
+
+
+def _dashboard_url(text: str) -> str:
+    """An argparse ``type=`` for ``submit --address``: the Ray dashboard's http(s)://HOST:PORT."""
+    if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?/?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dashboard URL; expected http://HOST:8265 (the Ray "
+                                         "job API; `pipeline run` with ray.address takes the GCS address)")
+    return text
+
+
+def _check_steps(steps: int | None, extra: dict, what: str = "--steps") -> None:
+    """``--steps`` against the model's own limit: its T timesteps, or its consistency levels − 1."""
+    if steps is None:
+        return
+    if "consistency" in extra:  # a consistency model (eq. 44): steps index its noise levels
+        top, why = len(extra["consistency"]["timesteps"]) - 1, "noise levels − 1 of this consistency model"
+    else:
+        top, why = int(extra.get("diffusion", {}).get("timesteps", 1000)), "timesteps T of this model"
+    if not 1 <= steps <= top:
+        raise UsageError(f"{what} {steps}: must be in [1, {top}] (the {why})")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_spec
 
@@ -49,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.stages import run_job
 
     t0 = time.perf_counter()
-    outcomes = run_job(spec, args.job)
+    outcomes = run_job(spec, args.job, force_promote=args.force_promote)
     from pipeline import tracking
 
     uri = tracking.tracking_uri(spec.tracking.uri)
@@ -139,20 +301,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if kind == "controlnet":
         return _sample_controlnet(args, ref, model_dir)
     if args.control:
-        raise SystemExit("error: --control needs a ControlNet model")
+        raise UsageError("--control needs a ControlNet model")
     if kind in NOT_SAMPLED:
-        raise SystemExit(f"error: {ref.name} v{ref.version} is a {kind} model, which `pipeline sample` does not draw "
+        raise UsageError(f"{ref.name} v{ref.version} is a {kind} model, which `pipeline sample` does not draw "
                          f"from ({NOT_SAMPLED[kind]})")
     gen = load_generator(model_dir)
+    _check_steps(args.steps, gen.extra)
     if hasattr(gen.model, "encode_text"):  # a text-conditioned diffusion model (conditioning: text)
         return _sample_text(args, ref, gen)
     if args.caption:
-        raise SystemExit("error: --caption needs a text-conditioned model (unCLIP decoder, conditioning: text); "
+        raise UsageError("--caption needs a text-conditioned model (unCLIP decoder, conditioning: text); "
                          "this model takes --label")
     labels = _labels(args, gen.num_classes)
     cond_fn = _classifier_guidance(args, gen)
     x = generate(gen, labels, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
-                 seed=args.seed, cond_fn=cond_fn, classifier_scale=args.classifier_scale if cond_fn else 0.0)
+                 seed=args.seed, cond_fn=cond_fn, classifier_scale=args.classifier_scale if cond_fn else 0.0,
+                 **_langevin_kw(args))
     Path(args.out).write_bytes(image_grid(x, nrow=args.nrow, scale=4))
     guided = f", classifier guidance {args.classifier_scale:g} ({args.classifier})" if cond_fn else ""
     print(f"{len(x)} samples of {ref.name} v{ref.version}{guided} → {args.out}")
@@ -167,7 +331,7 @@ NOT_SAMPLED = {"autoencoder": "not a generator of its own", "classifier": "not a
 
 def _check_label(args: argparse.Namespace, num_classes: int) -> None:
     if args.label is not None and not 0 <= args.label < num_classes:
-        raise SystemExit(f"error: --label must be in [0, {num_classes - 1}]")
+        raise UsageError(f"--label must be in [0, {num_classes - 1}]")
 
 
 def _labels(args: argparse.Namespace, num_classes: int):
@@ -189,9 +353,9 @@ def _model_kind(model_dir) -> str | None:
 def _captions(args: argparse.Namespace, what: str) -> list[str]:
     """``--num`` copies of each ``--caption`` (one grid row per caption), after checking the options fit."""
     if not args.caption:
-        raise SystemExit(f'error: {what} samples from text: give --caption "a handwritten digit three" (repeatable)')
+        raise UsageError(f'{what} samples from text: give --caption "a handwritten digit three" (repeatable)')
     if args.label is not None or args.classifier:
-        raise SystemExit(f"error: {what} takes --caption, not --label or --classifier")
+        raise UsageError(f"{what} takes --caption, not --label or --classifier")
     return [c for c in args.caption for _ in range(args.num)]
 
 
@@ -225,14 +389,14 @@ def _sample_cascade(args: argparse.Namespace, ref, model_dir) -> int:
 
     chain = load_cascade(model_dir)
     if args.steps is not None or args.guidance or args.sampler != "ddim" or args.eta:
-        raise SystemExit("error: a cascade samples with each stage's registered settings (DDIM steps, guidance, "
+        raise UsageError("a cascade samples with each stage's registered settings (DDIM steps, guidance, "
                          "dynamic threshold); drop --steps/--guidance/--sampler/--eta")
     if any(m["extra"].get("conditioning") == "text" for _, m in chain):
         captions = _captions(args, "a text-conditioned cascade")
         labels, nrow = torch.zeros(len(captions), dtype=torch.long), args.num
     else:
         if args.caption or args.classifier:
-            raise SystemExit("error: this cascade is class-conditional: it takes --label (no --caption/--classifier)")
+            raise UsageError("this cascade is class-conditional: it takes --label (no --caption/--classifier)")
         labels = _labels(args, int(chain[0][1]["extra"]["num_classes"]))
         captions, nrow = None, args.nrow
     x = sample_cascade(chain, labels, args.seed, captions=captions)[-1]
@@ -252,25 +416,26 @@ def _sample_controlnet(args: argparse.Namespace, ref, model_dir) -> int:
     from pipeline.train.export import load_exported
 
     if not args.control:
-        raise SystemExit("error: a ControlNet draws images that follow the edges of a picture: give --control "
+        raise UsageError("a ControlNet draws images that follow the edges of a picture: give --control "
                          "IMAGE.png (repeatable, one row each)")
     if args.caption or args.classifier:
-        raise SystemExit("error: a ControlNet takes --control (and --label when trained with class labels), not "
+        raise UsageError("a ControlNet takes --control (and --label when trained with class labels), not "
                          "--caption or --classifier")
     if args.sampler != "ddim":
-        raise SystemExit("error: a ControlNet samples with DDIM (drop --sampler)")
+        raise UsageError("a ControlNet samples with DDIM (drop --sampler)")
     model, meta = load_exported(model_dir)
+    _check_steps(args.steps, meta["extra"])
     try:
         controls = [control_from_image(p, meta)[0] for p in args.control]
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise UsageError(str(exc)) from None
     extra = meta["extra"]
     n_cls = int(extra.get("num_classes", 0))
     if args.label is not None and not (extra.get("class_labels") and n_cls):
-        raise SystemExit("error: this ControlNet was trained without class labels: drop --label")
+        raise UsageError("this ControlNet was trained without class labels: drop --label")
     _check_label(args, n_cls)
     if args.guidance and args.label is None:
-        raise SystemExit("error: --guidance guides toward a class: give --label too")
+        raise UsageError("--guidance guides toward a class: give --label too")
     label = args.label if args.label is not None else n_cls  # the null label ∅ without --label
     control = torch.cat([c.expand(args.num, -1, -1, -1) for c in controls])
     labels = torch.full((len(control),), label, dtype=torch.long)
@@ -288,7 +453,9 @@ def _sample_controlnet(args: argparse.Namespace, ref, model_dir) -> int:
 def _sample_unclip(args: argparse.Namespace, ref, model_dir) -> int:
     """`pipeline sample` for an unCLIP decoder: `--num` samples of each `--caption`, one row per caption."""
     from pipeline.stages.unclip import sample_unclip
+    from pipeline.train.export import read_meta
 
+    _check_steps(args.steps, read_meta(model_dir)["extra"])
     return _sample_captions(args, ref, "an unCLIP decoder",
                             lambda captions, **kw: sample_unclip(model_dir, captions, **kw))
 
@@ -297,7 +464,7 @@ def _classifier_guidance(args: argparse.Namespace, gen):
     """``cond_fn`` for ``generate`` from ``--classifier`` (a registered noisy classifier), or None."""
     if not args.classifier:
         if args.classifier_scale:
-            raise SystemExit("error: --classifier-scale needs --classifier models:/NAME@ALIAS")
+            raise UsageError("--classifier-scale needs --classifier models:/NAME@ALIAS")
         return None
     if args.classifier_scale is None:
         args.classifier_scale = 1.0
@@ -308,7 +475,7 @@ def _classifier_guidance(args: argparse.Namespace, gen):
     try:
         return registered_cond_fn(ref, gen)
     except GuidanceError as exc:
-        raise SystemExit(f"error: {ref.name} v{ref.version} cannot guide this model: {exc}") from None
+        raise UsageError(f"{ref.name} v{ref.version} cannot guide this model: {exc}") from None
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:
@@ -323,7 +490,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     ref = tracking.resolve(args.model)
     gen = load_generator(tracking.download(ref))
     if gen.meta.get("extra", {}).get("kind") != "diffusion":
-        raise SystemExit(f"error: {ref.name} v{ref.version} is not a diffusion model")
+        raise UsageError(f"{ref.name} v{ref.version} is not a diffusion model")
     data = load_split(args.data, args.split)
     n = len(data["label"]) if args.num is None else min(args.num, len(data["label"]))
     images, labels = torch.from_numpy(data["image"][:n]), torch.from_numpy(data["label"][:n])
@@ -356,13 +523,15 @@ def cmd_toy_swissroll(args: argparse.Namespace) -> int:
     from pipeline import tracking
     from pipeline.toy import SwissRollConfig, run_swissroll
 
+    if args.sample_steps > args.timesteps:
+        raise UsageError(f"--sample-steps {args.sample_steps}: must be at most --timesteps ({args.timesteps})")
     torch.set_num_threads(args.threads)  # a 2-D MLP: extra intra-op threads only add contention
     cfg = SwissRollConfig(schedule=args.schedule, timesteps=args.timesteps, parameterization=args.parameterization,
                           loss=args.loss, lambda_vlb=args.lambda_vlb, learn_sigma=args.learn_sigma,
                           var_type=args.var_type, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           max_lr=args.max_lr, samplers=args.sampler or ["ancestral", "strided", "ddim"],
                           sample_steps=args.sample_steps, eta=args.eta, num_samples=args.num_samples,
-                          nll_points=args.nll_points, seed=args.seed)
+                          nll_points=args.nll_points, seed=args.seed, **_langevin_kw(args))
     r = run_swissroll(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment)
     m = r.metrics
     print(f"Swiss roll: {cfg.steps} training steps in {m['train_seconds']:.0f} s, "
@@ -392,16 +561,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = tracking.download(ref)
     kind = _model_kind(model_dir)
     if kind in NOT_SAMPLED or kind in ("superres", "unclip_decoder", "controlnet"):
-        raise SystemExit(f"error: `pipeline eval` measures diffusion models drawn per class or per caption; "
+        raise UsageError(f"`pipeline eval` measures diffusion models drawn per class or per caption; "
                          f"{ref.name} v{ref.version} is a {kind} model (its stage's evaluation is in its MLflow run)")
     gen = load_generator(model_dir)
+    _check_steps(args.steps, gen.extra)
     classifier, _ = load_exported(tracking.download(tracking.resolve(args.classifier)))
     test = load_split(args.data, "test")
     real = torch.from_numpy(test["image"])
-    kw = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed}
+    kw = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed,
+          **_langevin_kw(args)}
     if hasattr(gen.model, "encode_text"):  # text-conditioned: one sample per held-out caption, its class known
         if not any(c.strip() for c in test["caption"]):
-            raise SystemExit(f"error: {args.data} has no captions to draw this text-conditioned model from")
+            raise UsageError(f"{args.data} has no captions to draw this text-conditioned model from")
         from pipeline.eval.text import generate_from_captions
 
         idx = [i % len(test["label"]) for i in range(args.num)]
@@ -422,7 +593,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     load_spec(args.job, args.set)  # fail here, not on the cluster
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
+    try:
+        client = JobSubmissionClient(args.address)
+    except ConnectionError as exc:
+        raise UsageError(f"cannot reach the Ray job API at {args.address} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]}); start the cluster's head (`ray start --head`) or "
+                         "fix --address") from None
     entry = " ".join(["pipeline", "run", args.job, *[f"--set {s}" for s in args.set]])
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}
     job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": args.working_dir,
@@ -445,6 +621,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
+    if args.higher_is_better and not args.metric:
+        raise UsageError("--higher-is-better goes with --metric NAME (the stage's own gate knows its direction)")
     _connect(args.tracking_uri)
     gate = None
     if args.metric:
@@ -489,13 +667,36 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Forward to `python -m pipeline.bench` (see BENCHMARKS.md)."""
+    from pipeline.bench.__main__ import build_parser as bench_parser
     from pipeline.bench.__main__ import main as bench_main
 
+    parser = bench_parser()
+    parser.error = _Parser.error.__get__(parser)  # the pipeline's error form for its options too
+    known, _ = parser.parse_known_args(args.bench_args)
+    if known.repeats is not None and known.repeats < 1:
+        parser.error(f"argument --repeats: must be an integer ≥ 1, got '{known.repeats}'")
+    if known.json is not None:
+        try:
+            _out_file(known.json)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --json: {exc}")
     return bench_main(args.bench_args)
 
 
+def _langevin_flags(parser: argparse.ArgumentParser) -> None:
+    """The settings of `--sampler langevin` (annealed Langevin, eq. 32-33; --steps counts its noise levels)."""
+    parser.add_argument("--langevin-steps", type=_number(int, 1), default=3,
+                        help="langevin: steps of eq. 32 per noise level")
+    parser.add_argument("--langevin-step-ratio", type=_number(float, 0, lo_open=True), default=0.5,
+                        help="langevin: step size δ = ratio·σ² at each noise level")
+
+
+def _langevin_kw(args: argparse.Namespace) -> dict[str, float]:
+    return {"langevin_steps": args.langevin_steps, "langevin_step_ratio": args.langevin_step_ratio}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    p = _Parser(prog="pipeline", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -503,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec field (repeatable)")
+    r.add_argument("--force-promote", action="store_true",
+                   help="a stage's new version takes @champion even when worse than the current champion on "
+                        "the gate metric (never outside the gate's bounds); recorded in the version's tag "
+                        "pipeline.promotion.champion.forced")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="check a job file without running it")
@@ -513,90 +718,100 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets as WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="write shards + manifest from a source")
-    b.add_argument("--source", required=True, help="digits | photos | sprites | moving-digits | imagefolder:PATH")
-    b.add_argument("--out", required=True)
-    b.add_argument("--image-size", type=int, default=None)
-    b.add_argument("--held-out", type=float, default=0.15)
-    b.add_argument("--shard-size", type=int, default=512)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--source", required=True, type=_data_source,
+                   help="digits | photos | sprites | moving-digits | imagefolder:PATH")
+    b.add_argument("--out", required=True, type=_out_dir, help="dataset folder (created; its parent must exist)")
+    b.add_argument("--image-size", type=_number(int, 1), default=None)
+    b.add_argument("--held-out", type=_number(float, 0, 1, lo_open=True, hi_open=True), default=0.15,
+                   help="fraction held out as the test split, in (0, 1)")
+    b.add_argument("--shard-size", type=_number(int, 1), default=512)
+    b.add_argument("--seed", type=_number(int, 0, _SEED_MAX), default=0)
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(fn=cmd_data_build)
 
     s = sub.add_parser("sample", help="draw an image grid from a registered diffusion model")
-    s.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
-    s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
-    s.add_argument("--label", type=int, default=None, help="class to draw (default: all classes)")
+    s.add_argument("model", type=_model_uri, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    s.add_argument("--steps", type=_number(int, 1), default=None,
+                   help="sampling steps, at most the model's T (default: the model's own)")
+    s.add_argument("--guidance", type=_number(float, 0), default=0.0, help="classifier-free guidance weight w ≥ 0")
+    s.add_argument("--label", type=_number(int, 0), default=None, help="class to draw (default: all classes)")
     s.add_argument("--caption", action="append", default=None,
                    help="text-conditioned models (unCLIP decoders, conditioning: text, text cascades): a caption to "
                         "draw --num samples of (repeatable, one row each)")
     s.add_argument("--control", action="append", default=None, metavar="IMAGE",
                    help="ControlNet models: a picture whose Canny edges the samples follow (repeatable, one row each)")
-    s.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim")
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--nrow", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="grid.png")
+    s.add_argument("--sampler", choices=["ddim", "ancestral", "langevin"], default="ddim")
+    _langevin_flags(s)
+    s.add_argument("--eta", type=_number(float, 0, 1), default=0.0, help="DDIM η in [0, 1]")
+    s.add_argument("--num", type=_number(int, 1), default=64)
+    s.add_argument("--nrow", type=_number(int, 1), default=8)
+    s.add_argument("--seed", type=_number(int, 0, _SEED_MAX), default=0)
+    s.add_argument("--out", type=_out_file, default="grid.png", help="PNG file to write (its folder must exist)")
     s.add_argument("--tracking-uri", default=None)
-    s.add_argument("--classifier", default=None, metavar="MODEL_URI",
+    s.add_argument("--classifier", type=_model_uri, default=None, metavar="MODEL_URI",
                    help="noisy classifier for classifier guidance (trained on the model's own input space: "
                         "pixels, or the same scaled latents for a latent model)")
-    s.add_argument("--classifier-scale", type=float, default=None,
+    s.add_argument("--classifier-scale", type=_number(float, 0), default=None,
                    help="classifier guidance scale s (Algorithm 1 / eq. 38); default 1 with --classifier")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="FID/KID and class accuracy of a generator (`eval [fid] MODEL`; "
                        "likelihood: `eval nll MODEL`)")
-    e.add_argument("model")
-    e.add_argument("--classifier", default="models:/ldm-classifier@champion")
-    e.add_argument("--data", default="data/digits")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--guidance", type=float, default=0.0)
-    e.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim")
-    e.add_argument("--num", type=int, default=500)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("model", type=_model_uri)
+    e.add_argument("--classifier", type=_model_uri, default="models:/ldm-classifier@champion")
+    e.add_argument("--data", type=_data_dir, default="data/digits")
+    e.add_argument("--steps", type=_number(int, 1), default=None)
+    e.add_argument("--guidance", type=_number(float, 0), default=0.0)
+    e.add_argument("--sampler", choices=["ddim", "ancestral", "langevin"], default="ddim")
+    _langevin_flags(e)
+    e.add_argument("--num", type=_number(int, 2), default=500, help="samples (≥ 2: FID needs a covariance)")
+    e.add_argument("--seed", type=_number(int, 0, _SEED_MAX), default=0)
     e.add_argument("--tracking-uri", default=None)
     e.set_defaults(fn=cmd_eval)
 
     n = sub.add_parser("eval-nll", help="NLL in bits/dim of held-out data from the full VLB (= `eval nll MODEL`)")
-    n.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION of a diffusion model")
-    n.add_argument("--data", default="data/digits", help="pixel shards (latent models encode them)")
-    n.add_argument("--split", default="test")
-    n.add_argument("--num", type=int, default=1000, help="first N examples of the split (default 1000)")
+    n.add_argument("model", type=_model_uri, help="models:/NAME@ALIAS or models:/NAME/VERSION of a diffusion model")
+    n.add_argument("--data", type=_data_dir, default="data/digits",
+                   help="pixel shards (latent models encode them)")
+    n.add_argument("--split", choices=["train", "test"], default="test")
+    n.add_argument("--num", type=_number(int, 1), default=1000, help="first N examples of the split (default 1000)")
     n.add_argument("--conditional", action="store_true", help="−log p(x|y) with the true labels (default: p(x))")
     n.add_argument("--var-type", choices=["beta", "beta_tilde"], default="beta",
                    help="fixed reverse variance when the model does not learn Σ")
-    n.add_argument("--batch-size", type=int, default=64)
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--batch-size", type=_number(int, 1), default=64)
+    n.add_argument("--seed", type=_number(int, 0, _SEED_MAX), default=0)
     n.add_argument("--tracking-uri", default=None)
     n.set_defaults(fn=cmd_eval_nll)
 
     ty = sub.add_parser("toy", help="toy experiments from the study notes")
     tysub = ty.add_subparsers(dest="toy_command", required=True)
     sr = tysub.add_parser("swissroll", help="MLP DDPM on the 2-D Swiss roll (notes fig. 2-3), logged to MLflow")
-    sr.add_argument("--steps", type=int, default=4000, help="training steps")
+    sr.add_argument("--steps", type=_number(int, 1), default=4000, help="training steps")
     sr.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    sr.add_argument("--timesteps", type=int, default=1000, help="T")
+    sr.add_argument("--timesteps", type=_number(int, 2), default=1000, help="T")
     sr.add_argument("--parameterization", choices=["eps", "x0", "v"], default="eps")
     sr.add_argument("--loss", choices=["simple", "hybrid"], default="simple")
-    sr.add_argument("--lambda-vlb", type=float, default=0.001, help="λ of the hybrid loss")
+    sr.add_argument("--lambda-vlb", type=_number(float, 0), default=0.001, help="λ of the hybrid loss")
     sr.add_argument("--learn-sigma", action="store_true", help="learn Σ (eq. 35); use with --loss hybrid")
     sr.add_argument("--var-type", choices=["beta", "beta_tilde"], default="beta", help="fixed Σ otherwise")
-    sr.add_argument("--batch-size", type=int, default=512)
-    sr.add_argument("--lr", type=float, default=1e-3)
-    sr.add_argument("--max-lr", type=float, default=3e-3, help="peak of the one-cycle LR schedule")
-    sr.add_argument("--sampler", action="append", choices=["ancestral", "strided", "ddim"], default=None,
-                    help="repeatable (default: all three): ancestral = all T steps, strided = ancestral on "
-                         "--sample-steps, ddim = --sample-steps DDIM steps with --eta")
-    sr.add_argument("--sample-steps", type=int, default=50)
-    sr.add_argument("--eta", type=float, default=0.0, help="DDIM η")
-    sr.add_argument("--num-samples", type=int, default=2000)
-    sr.add_argument("--nll-points", type=int, default=500, help="held-out points for bits/dim")
-    sr.add_argument("--seed", type=int, default=0)
+    sr.add_argument("--batch-size", type=_number(int, 1), default=512)
+    sr.add_argument("--lr", type=_number(float, 0, lo_open=True), default=1e-3)
+    sr.add_argument("--max-lr", type=_number(float, 0, lo_open=True), default=3e-3,
+                    help="peak of the one-cycle LR schedule")
+    sr.add_argument("--sampler", action="append", choices=["ancestral", "strided", "ddim", "langevin"],
+                    default=None,
+                    help="repeatable (default: the first three): ancestral = all T steps, strided = ancestral on "
+                         "--sample-steps, ddim = --sample-steps DDIM steps with --eta, langevin = annealed "
+                         "Langevin (eq. 32-33) on --sample-steps noise levels")
+    _langevin_flags(sr)
+    sr.add_argument("--sample-steps", type=_number(int, 1), default=50, help="at most --timesteps")
+    sr.add_argument("--eta", type=_number(float, 0, 1), default=0.0, help="DDIM η in [0, 1]")
+    sr.add_argument("--num-samples", type=_number(int, 2), default=2000)
+    sr.add_argument("--nll-points", type=_number(int, 1), default=500, help="held-out points for bits/dim")
+    sr.add_argument("--seed", type=_number(int, 0, _SEED_MAX), default=0)
     sr.add_argument("--tracking-uri", default=None)
     sr.add_argument("--experiment", default="toy-swissroll")
-    sr.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny ops)")
+    sr.add_argument("--threads", type=_number(int, 1), default=1, help="torch intra-op threads (default 1: tiny ops)")
     sr.set_defaults(fn=cmd_toy_swissroll)
 
     bn = sub.add_parser("bench", help="benchmarks: bench NAME [--json OUT] [--repeats N] [--quick] (BENCHMARKS.md)",
@@ -606,15 +821,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("submit", help="submit a job to a Ray cluster and stream its logs")
     j.add_argument("job")
-    j.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
-    j.add_argument("--working-dir", default=".")
+    j.add_argument("--address", required=True, type=_dashboard_url,
+                   help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    j.add_argument("--working-dir", type=_existing_dir, default=".")
     j.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     j.set_defaults(fn=cmd_submit)
 
     pr = sub.add_parser("promote", help="move a registry alias to a better version (metric-gated)")
-    pr.add_argument("name", help="registered model name")
-    pr.add_argument("--to", default="champion", help="alias to move (default: champion)")
-    pr.add_argument("--from", dest="from_", default="candidate", help="alias or version to promote")
+    pr.add_argument("name", type=_model_name, help="registered model name")
+    pr.add_argument("--to", type=_alias, default="champion", help="alias to move (default: champion)")
+    pr.add_argument("--from", dest="from_", type=_alias_or_version, default="candidate",
+                    help="alias or version to promote")
     pr.add_argument("--force", action="store_true", help="promote without comparing (recorded in a tag)")
     pr.add_argument("--metric", default=None, help="compare on this metric instead of the stage's gate")
     pr.add_argument("--higher-is-better", action="store_true", help="with --metric: higher values win")
@@ -622,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_promote)
 
     ln = sub.add_parser("lineage", help="print the chain of versions behind a model back to the data")
-    ln.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ln.add_argument("model", type=_model_uri, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     ln.add_argument("--tracking-uri", default=None)
     ln.set_defaults(fn=cmd_lineage)
 
@@ -645,21 +862,29 @@ def _eval_subverb(argv: list[str] | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `pipeline` console script."""
-    args = build_parser().parse_args(_eval_subverb(argv))
-    _setup_logging(args.verbose)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """Entry point of the `pipeline` console script: the exit code. Bad command-line input (argparse's
+    checks, or a command's own before it works) prints one ``error:`` line last and raises `UsageError`
+    (a `SystemExit` with code 2); a user error met while working prints the same and returns 2."""
     try:
+        args = build_parser().parse_args(_eval_subverb(argv))
+        _setup_logging(args.verbose)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         return int(args.fn(args) or 0)
+    except UsageError as exc:
+        _stop_ray()
+        print(f"error: {exc}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:
+        from pipeline.config import user_message
+
         root = _user_error(exc)
         if root is None:
             raise
         _stop_ray()  # flush Ray's forwarded worker logs first, so the message is the last line
-        print(f"error: {root}", file=sys.stderr)
+        print(f"error: {user_message(root)}", file=sys.stderr)
         return 2
 
 

@@ -85,3 +85,47 @@ def run_job(cwd: Path, job: str, overrides: list[str] = (), timeout: float = 180
 def listing(path: Path) -> set[str]:
     """Every path under `path`, relative (to show that a failed command wrote nothing)."""
     return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+#: The untrained pixel U-Net of `register_untrained_ddpm` (8x8 grayscale, 10 classes, cosine T = 50).
+TINY_UNET = {"in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+             "attention_resolutions": [], "num_classes": 10}
+TINY_DIFFUSION = {"schedule": "cosine", "timesteps": 50, "parameterization": "v", "loss": "simple",
+                  "label_dropout": 0.2}
+
+
+def register_untrained_ddpm(root: Path, name: str = "tiny-ddpm") -> str:
+    """Export an untrained class-conditional diffusion U-Net (T = 50, 10 classes) and register it as
+    `models:/NAME@champion` in a new SQLite store under `root`; returns the store's tracking URI.
+    For commands whose argument checks need a registered model but not a good one."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from pipeline import tracking
+    from pipeline.train.export import export_weights
+    from pipeline.train.tasks import DiffusionTask
+
+    task = DiffusionTask({"model": {"name": "unet", "args": TINY_UNET}, "diffusion": TINY_DIFFUSION},
+                         num_classes=10, data={"latent_scale": 1.0, "sample_shape": [1, 8, 8]})
+    torch.manual_seed(0)
+    model_dir = export_weights(task.build_model().state_dict(), "unet", TINY_UNET, root / "exported",
+                               task.export_extra())
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient()
+        run = client.create_run(client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri()))
+        ref = tracking.register(name, run.info.run_id, model_dir, {"pipeline.test": "1"})
+        tracking.set_alias(name, "champion", ref.version)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return uri
+
+
+def error_lines(stderr: str) -> tuple[list[str], str]:
+    """(the stderr lines that start with ``error:``, the last non-blank line)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    return [ln for ln in lines if ln.startswith("error:")], (lines[-1] if lines else "")

@@ -1,7 +1,8 @@
 """Bad input: one clear message (what, where, what to do), exit code 2, nothing written.
 
-Each case here is a row of the README's troubleshooting table. The cases that need a training
-worker (a corrupt member inside Ray Train) are in test_bad_input_ray.py.
+Each case here is a row of the README's troubleshooting table. The cases that arise inside Ray (a
+corrupt member inside Ray Train, a GPU-less worker, an infeasible GPU request) are in
+test_bad_input_ray.py, raised by real Ray workers; bad command-line arguments are in test_bad_cli_input.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import ClusterError, user_error_root
 from pipeline.data import DataError, iterate_batches, load_split, write_manifest
 from pipeline.data.shards import Manifest, read_manifest, write_shards
 from tests.reliability.helpers import listing, write_job
@@ -42,7 +42,10 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run the `pipeline` command line in this process; returns (exit code, stderr)."""
     capsys.readouterr()
-    rc = main(list(argv))
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # bad command-line input: UsageError, exit code 2
+        rc = exc.code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
@@ -229,24 +232,3 @@ def test_gpu_asked_for_where_none_exists(cwd: Path, capsys, digits8: Path) -> No
     assert "stage 'classifier': scale.gpus_per_worker=1, but this machine has no GPU" in err
     assert "set stages.classifier.scale.gpus_per_worker=0 to train on CPU" in err
     assert listing(cwd) == set()
-
-
-def test_worker_side_user_errors_are_unwrapped_from_ray_train() -> None:
-    """A GPU request on a GPU-less worker node: device_for's message reaches the user as is."""
-    from ray.train.v2._internal.exceptions import InsufficientClusterResourcesError, UserExceptionWithTraceback
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
-
-    from pipeline.train.engine import device_for
-    from pipeline.train.loop import NonFiniteLoss
-
-    with pytest.raises(ClusterError) as info:
-        device_for(1.0)
-    inner = info.value
-    wrapped = WorkerGroupError("rank 0 failed", {1: RuntimeError("gloo: connection reset"),
-                                                 0: UserExceptionWithTraceback(inner, "Traceback ...")})
-    kinds = (DataError, ClusterError, NonFiniteLoss)
-    assert user_error_root(wrapped, kinds) is inner
-    assert "has none that torch can use; set scale.gpus_per_worker=0 to train on CPU" in str(inner)
-    infeasible = ControllerError(InsufficientClusterResourcesError("needs {'GPU': 2} but the cluster has 0"))
-    assert isinstance(user_error_root(infeasible, kinds), ClusterError)
-    assert user_error_root(WorkerGroupError("x", {0: RuntimeError("a bug")}), kinds) is None
