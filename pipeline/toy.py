@@ -1,7 +1,8 @@
 """Toy experiments: a small MLP DDPM on the 2-D Swiss roll (study notes, fig. 2-3), logged to MLflow.
 
 ``pipeline toy swissroll`` trains :class:`TimeMLP` with :func:`train_ddpm`, samples with the chosen
-samplers (1000-step ancestral, 50-step strided ancestral, 50-step DDIM by default), and logs the sliced
+samplers (1000-step ancestral, 50-step strided ancestral, 50-step DDIM by default; 50-level annealed Langevin,
+eq. 32-33, on request), and logs the sliced
 Wasserstein distance of each sampler's output to held-out data, the VLB in bits/dim (continuous data, so
 L_0 is a Gaussian density and the number is a differential entropy per dimension) and a PNG scatter plot.
 Nothing here imports ray or deepspeed; MLflow is imported only by :func:`run_swissroll`.
@@ -20,19 +21,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import SpecError
 from pipeline.data.swissroll import sliced_wasserstein, swiss_roll
 from pipeline.diffusion import (
+    SamplerOptions,
     Schedule,
     diffusion_loss,
     nll_bits_per_dim,
-    sample_ancestral,
-    sample_ddim,
+    run_sampler,
     uniform_timesteps,
 )
 
 log = logging.getLogger("pipeline.toy")
 
-SAMPLERS = ("ancestral", "strided", "ddim")
+SAMPLERS = ("ancestral", "strided", "ddim", "langevin")
+DEFAULT_SAMPLERS = ("ancestral", "strided", "ddim")
 
 
 class TimeMLP(nn.Module):
@@ -118,21 +121,23 @@ def sample_points(
     learn_sigma: bool = False,
     var_type: str = "beta",
     dim: int = 2,
+    langevin_steps: int = 3,
+    langevin_step_ratio: float = 0.5,
 ) -> np.ndarray:
     """``n`` points from ``sampler``: "ancestral" (all T steps, Algorithm 2), "strided" (ancestral on
-    ``s.respace(steps)``) or "ddim" (``steps`` DDIM steps with ``eta``, eq. 41-43)."""
+    ``s.respace(steps)``), "ddim" (``steps`` DDIM steps with ``eta``, eq. 41-43) or "langevin" (``steps``
+    noise levels of annealed Langevin, eq. 32-33, ``langevin_steps`` steps of δ = ``langevin_step_ratio``·σ²
+    each), all through the sampler registry :func:`pipeline.diffusion.run_sampler`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     gen = torch.Generator().manual_seed(seed)
-    kw = dict(parameterization=parameterization, generator=gen)
+    opts = SamplerOptions(parameterization=parameterization, learn_sigma=learn_sigma, var_type=var_type, eta=eta,
+                          langevin_steps=langevin_steps, langevin_step_ratio=langevin_step_ratio, generator=gen)
+    xT = torch.randn((n, dim), generator=gen)
+    name = "ancestral" if sampler == "strided" else sampler  # strided = ancestral on s.respace(steps)
+    n_steps = s.num_timesteps if sampler == "ancestral" else steps
     with torch.no_grad():
-        if sampler == "ancestral":
-            x = sample_ancestral(model_fn, s, (n, dim), learn_sigma=learn_sigma, var_type=var_type, **kw)
-        elif sampler == "strided":
-            x = sample_ancestral(model_fn, s.respace(steps), (n, dim), learn_sigma=learn_sigma, var_type=var_type,
-                                 **kw)
-        elif sampler == "ddim":
-            x = sample_ddim(model_fn, s, (n, dim), steps, eta=eta, **kw)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        x = run_sampler(name, model_fn, s, xT, n_steps, opts)
     return x.numpy()
 
 
@@ -192,12 +197,19 @@ class SwissRollConfig:
     max_lr: float = 3e-3
     hidden: int = 128
     train_points: int = 20_000
-    samplers: Sequence[str] = field(default_factory=lambda: list(SAMPLERS))
+    samplers: Sequence[str] = field(default_factory=lambda: list(DEFAULT_SAMPLERS))
     sample_steps: int = 50
     eta: float = 0.0
+    langevin_steps: int = 3
+    langevin_step_ratio: float = 0.5
     num_samples: int = 2000
     nll_points: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss == "hybrid" and not self.learn_sigma:
+            raise SpecError("--loss hybrid needs learned Σ: add --learn-sigma (L_hybrid = L_simple + λ L_VLB trains "
+                            "Σ_θ of eq. 35 through L_VLB; with a fixed Σ it would silently train L_simple)")
 
 
 @dataclass
@@ -241,7 +253,8 @@ def swissroll_experiment(cfg: SwissRollConfig, log_every: int = 100,
         t0 = time.perf_counter()
         pts = sample_points(model, s, name, cfg.num_samples, steps=cfg.sample_steps, eta=cfg.eta,
                             seed=cfg.seed + 1, parameterization=cfg.parameterization,
-                            learn_sigma=cfg.learn_sigma, var_type=cfg.var_type)
+                            learn_sigma=cfg.learn_sigma, var_type=cfg.var_type, langevin_steps=cfg.langevin_steps,
+                            langevin_step_ratio=cfg.langevin_step_ratio)
         samples[label] = pts
         metrics[f"sample_seconds/{label}"] = time.perf_counter() - t0
         metrics[f"sw/{label}"] = sliced_wasserstein(pts, heldout) if np.isfinite(pts).all() else float("inf")

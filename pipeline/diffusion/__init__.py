@@ -37,11 +37,25 @@ from .param import (
     training_target,
     v_target,
 )
-from .sampling import ddim_step, dynamic_threshold, sample_ancestral, sample_ddim, sample_langevin
+from .sampling import (
+    SAMPLERS,
+    SamplerOptions,
+    ddim_step,
+    dynamic_threshold,
+    langevin_step,
+    langevin_timesteps,
+    run_sampler,
+    sample_ancestral,
+    sample_ddim,
+    sample_langevin,
+    sample_langevin_vp,
+)
 from .schedule import Schedule, cosine_betas, extract, linear_betas, strided_timesteps
 
 __all__ = [
+    "SAMPLERS",
     "LossHistory",
+    "SamplerOptions",
     "Schedule",
     "classifier_free",
     "classifier_grad",
@@ -60,6 +74,8 @@ __all__ = [
     "importance_timesteps",
     "init_loss_history",
     "karras_sigmas",
+    "langevin_step",
+    "langevin_timesteps",
     "learned_log_variance",
     "linear_betas",
     "mean_flat",
@@ -73,9 +89,11 @@ __all__ = [
     "predict_x0_from_v",
     "prior_bpd",
     "progressive_distillation_target",
+    "run_sampler",
     "sample_ancestral",
     "sample_ddim",
     "sample_langevin",
+    "sample_langevin_vp",
     "score_from_eps",
     "split_learned_sigma",
     "strided_timesteps",

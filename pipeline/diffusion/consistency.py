@@ -23,7 +23,9 @@ level is index 0 (σ_min = σ_0) and the teacher is only ever called on timestep
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +66,25 @@ def consistency_levels(s: Schedule, n: int, sigma_max: float = 80.0, rho: float 
     wanted = karras_sigmas(n, float(sig[0]), top, rho)
     idx = (sig.log()[None, :] - wanted.log()[:, None]).abs().argmin(dim=1)
     return sorted(set(idx.tolist()))
+
+
+def ct_num_levels(k: int, total: int, s0: int = 2, s1: int = 150) -> int:
+    """N(k) of consistency training at step ``k`` of ``total`` = K (Song et al. 2023, CT schedule; eq. 46's N):
+
+        N(k) = ⌈√(k/K · ((s1+1)² − s0²) + s0²) − 1⌉ + 1,
+
+    growing from N(0) = s0 to N(K) = s1 + 1 (the paper's CIFAR-10 setting: s0 = 2, s1 = 150).
+    """
+    if total < 1 or not 0 <= k <= total:
+        raise ValueError(f"need 0 <= k <= K with K >= 1, got k={k}, K={total}")
+    inner = Fraction(k, total) * ((s1 + 1) ** 2 - s0**2) + s0**2  # exact: no float rounding at perfect squares
+    root = math.isqrt(inner.numerator // inner.denominator)  # ⌊√inner⌋
+    return root if root * root == inner else root + 1  # ⌈√inner − 1⌉ + 1 = ⌈√inner⌉
+
+
+def ct_target_ema(n_levels: int, s0: int = 2, mu0: float = 0.9) -> float:
+    """μ(k) = exp(s0 · log μ0 / N(k)): the target EMA rate of θ⁻ in eq. 46 when N(k) = ``n_levels``."""
+    return math.exp(s0 * math.log(mu0) / n_levels)
 
 
 def model_F(s: Schedule, out: Tensor, x_t: Tensor, t: Tensor, parameterization: str) -> Tensor:

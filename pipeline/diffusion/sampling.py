@@ -12,6 +12,7 @@ ancestral sampling shifts the mean by scale·Σ·grad (Algorithm 1, fig. 2-7); D
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -187,6 +188,11 @@ def sample_ddim(
     return x
 
 
+def langevin_step(x: Tensor, score: Tensor, delta: float, z: Tensor) -> Tensor:
+    """One Langevin update x + δ/2 · ∇ log p(x) + √δ · z (eq. 32)."""
+    return x + 0.5 * delta * score + delta**0.5 * z  # eq. 32
+
+
 @torch.no_grad()
 def sample_langevin(
     score_fn: Callable[[Tensor, Tensor], Tensor],
@@ -214,5 +220,127 @@ def sample_langevin(
         sigma_b = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(steps_per_level):
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x + 0.5 * delta * score_fn(x, sigma_b) + delta**0.5 * z  # eq. 32
+            x = langevin_step(x, score_fn(x, sigma_b), delta, z)  # eq. 32
     return x
+
+
+def langevin_timesteps(s: Schedule, n: int) -> list[int]:
+    """``n`` noise levels for annealed Langevin: σ geometric between σ_0 and σ_{T-1} (Song & Ermon's
+    levels), each snapped to the index of ``s`` with the nearest log σ (ascending; duplicates dropped)."""
+    if n < 1:
+        raise ValueError(f"Langevin needs at least 1 noise level, got {n}")
+    acp = s.alphas_cumprod
+    log_sig = 0.5 * ((1.0 - acp) / acp).log()  # log σ_t, σ_t = √((1-ᾱ_t)/ᾱ_t)
+    wanted = torch.linspace(float(log_sig[-1]), float(log_sig[0]), n, dtype=torch.float64)
+    return sorted(set((log_sig[None, :] - wanted[:, None]).abs().argmin(dim=1).tolist()))
+
+
+@torch.no_grad()
+def sample_langevin_vp(
+    model_fn: ModelFn,
+    s: Schedule,
+    shape_or_xT: Sequence[int] | Tensor,
+    steps: int | Sequence[int],
+    *,
+    langevin_steps: int = 3,
+    step_ratio: float = 0.5,
+    parameterization: str = "eps",
+    denoise: bool = True,
+    generator: torch.Generator | None = None,
+    cond_fn: CondFn | None = None,
+    guidance_scale: float = 0.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = False,
+) -> Tensor:
+    """Annealed Langevin sampling (eq. 32) with the diffusion model's score (eq. 33), on ``steps`` levels.
+
+    The noise levels are :func:`langevin_timesteps` (or the explicit indices ``steps``), largest first.
+    Each level works in the σ frame x_σ = x_t / √ᾱ_t (σ_t = √((1-ᾱ_t)/ᾱ_t)), where the score of eq. 33 reads
+    ∇ log p_σ(x_σ) = √ᾱ_t · (−ε_θ / √(1-ᾱ_t)) = −ε_θ / σ_t, and takes ``langevin_steps`` steps of eq. 32
+    with δ = ``step_ratio``·σ_t² (Song & Ermon's δ_i ∝ σ_i²). ``shape_or_xT`` is standard normal noise
+    (or its shape); the chain starts at x_σ = σ_top·x_T. With ``denoise`` the last level's x̂₀ = x_σ − σ ε_θ
+    (eq. 41's x̂₀ in the σ frame) is returned, else x_σ. Classifier guidance adds scale·√ᾱ_t·∇_{x_t} log f
+    (the classifier's score in the σ frame, as eq. 38 adds it to ε).
+    """
+    if langevin_steps < 1 or step_ratio <= 0:
+        raise ValueError(f"langevin_steps must be >= 1 and step_ratio > 0, got {langevin_steps}, {step_ratio}")
+    r = s.respace(langevin_timesteps(s, steps) if isinstance(steps, int) else steps)
+    x = _init_x(shape_or_xT, generator, device, dtype)
+    acp = r.alphas_cumprod
+    sigmas = ((1.0 - acp) / acp).sqrt()  # float64 (K,)
+    tmap = r.timestep_map.to(x.device)
+    x = x * float(sigmas[-1])  # x_σ at the top level
+    eps = torch.zeros_like(x)
+    for _, i in _steps(list(reversed(range(r.num_timesteps))), progress):
+        t = _full(i, x)
+        sigma, root_acp = float(sigmas[i]), float(acp[i]) ** 0.5
+        delta = step_ratio * sigma**2
+        for _ in range(langevin_steps):
+            x_t = root_acp * x  # the VP point the network was trained on (eq. 17)
+            eps, _ = model_eps_x0(r, model_fn(x_t, tmap[t]), x_t, t, parameterization)
+            score = -eps / sigma  # eq. 33 in the σ frame
+            if cond_fn is not None and guidance_scale != 0.0:
+                with torch.enable_grad():
+                    score = score + guidance_scale * root_acp * cond_fn(x_t, tmap[t])
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = langevin_step(x, score, delta, z)  # eq. 32
+    if denoise:
+        x_t = float(acp[0]) ** 0.5 * x
+        t = _full(0, x)
+        eps, _ = model_eps_x0(r, model_fn(x_t, tmap[t]), x_t, t, parameterization)
+        x = x - float(sigmas[0]) * eps  # x̂₀ = x_σ − σ ε̂ (eq. 41 with x_t = √ᾱ x_σ)
+    return x
+
+
+# ----------------------------------------------------------------------------- the sampler registry
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Everything a sampler of the registry may read; each sampler ignores what it does not use."""
+
+    parameterization: str = "eps"
+    learn_sigma: bool = False
+    var_type: str = "beta"
+    eta: float = 0.0  # ddim
+    langevin_steps: int = 3  # langevin: steps of eq. 32 per noise level
+    langevin_step_ratio: float = 0.5  # langevin: δ / σ² at every level
+    generator: torch.Generator | None = None
+    cond_fn: CondFn | None = None
+    guidance_scale: float = 0.0
+
+
+Sampler = Callable[[ModelFn, Schedule, Tensor, "int | Sequence[int]", SamplerOptions], Tensor]
+
+
+def _ancestral(model_fn: ModelFn, s: Schedule, xT: Tensor, steps: int | Sequence[int], o: SamplerOptions) -> Tensor:
+    return sample_ancestral(model_fn, s.respace(steps), xT, parameterization=o.parameterization,
+                            learn_sigma=o.learn_sigma, var_type=o.var_type, generator=o.generator,
+                            cond_fn=o.cond_fn, guidance_scale=o.guidance_scale)
+
+
+def _ddim(model_fn: ModelFn, s: Schedule, xT: Tensor, steps: int | Sequence[int], o: SamplerOptions) -> Tensor:
+    return sample_ddim(model_fn, s, xT, steps, eta=o.eta, parameterization=o.parameterization,
+                       generator=o.generator, cond_fn=o.cond_fn, guidance_scale=o.guidance_scale)
+
+
+def _langevin(model_fn: ModelFn, s: Schedule, xT: Tensor, steps: int | Sequence[int], o: SamplerOptions) -> Tensor:
+    return sample_langevin_vp(model_fn, s, xT, steps, langevin_steps=o.langevin_steps,
+                              step_ratio=o.langevin_step_ratio, parameterization=o.parameterization,
+                              generator=o.generator, cond_fn=o.cond_fn, guidance_scale=o.guidance_scale)
+
+
+SAMPLERS: dict[str, Sampler] = {"ancestral": _ancestral, "ddim": _ddim, "langevin": _langevin}
+
+
+def run_sampler(name: str, model_fn: ModelFn, s: Schedule, xT: Tensor, steps: int | Sequence[int],
+                options: SamplerOptions | None = None) -> Tensor:
+    """Sample with the registered sampler ``name`` from x_T (standard normal) in ``steps`` steps (or levels).
+
+    ``ancestral``: Algorithm 2 on ``s.respace(steps)`` (all T steps when ``steps`` = T); ``ddim``: eq. 41-43;
+    ``langevin``: annealed Langevin (eq. 32) with the score of eq. 33 on ``steps`` noise levels.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](model_fn, s, xT, steps, options or SamplerOptions())

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.diffusion import Schedule, classifier_free, sample_ancestral, sample_ddim
+from pipeline.diffusion import SamplerOptions, Schedule, classifier_free, run_sampler
 
 log = logging.getLogger("pipeline.eval")
 
@@ -53,8 +53,12 @@ class Generator:
 def generate(gen: Generator, labels: torch.Tensor, *, steps: int | list[int] | None = None,
              guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
              batch_size: int = 250, cond_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-             | None = None, classifier_scale: float = 0.0) -> torch.Tensor:
+             | None = None, classifier_scale: float = 0.0, langevin_steps: int = 3,
+             langevin_step_ratio: float = 0.5) -> torch.Tensor:
     """Class-conditional samples in pixel space (N, C, H, W), values roughly in [-1, 1].
+
+    ``sampler`` names a sampler of :data:`pipeline.diffusion.SAMPLERS` (ddim | ancestral | langevin);
+    Langevin (eq. 32-33) takes ``langevin_steps`` steps with δ = ``langevin_step_ratio``·σ² per level.
 
     Classifier guidance: ``cond_fn(x, t, y) = ∇_x log f(y | x_t)`` (see
     :func:`pipeline.eval.guidance.classifier_cond_fn`) scaled by ``classifier_scale``; ancestral sampling
@@ -85,16 +89,12 @@ def generate(gen: Generator, labels: torch.Tensor, *, steps: int | list[int] | N
             z = sample_consistency(fn, base, xT, generator_timesteps(c, steps), sigma_min_index=c["sigma_min_index"],
                                    parameterization=d.get("parameterization", "v"), sigma_data=c["sigma_data"],
                                    generator=g)
-        elif sampler == "ddim":
-            z = sample_ddim(fn, base, xT, steps, eta=eta, parameterization=d.get("parameterization", "eps"),
-                            generator=g, cond_fn=guide, guidance_scale=classifier_scale)
-        elif sampler == "ancestral":
-            sched = base.respace(steps)
-            z = sample_ancestral(fn, sched, xT, parameterization=d.get("parameterization", "eps"),
-                                 learn_sigma=bool(d.get("learn_sigma", False)), generator=g,
-                                 cond_fn=guide, guidance_scale=classifier_scale)
         else:
-            raise ValueError(f"unknown sampler '{sampler}' (expected ddim or ancestral)")
+            opts = SamplerOptions(parameterization=d.get("parameterization", "eps"),
+                                  learn_sigma=bool(d.get("learn_sigma", False)), eta=eta,
+                                  langevin_steps=langevin_steps, langevin_step_ratio=langevin_step_ratio,
+                                  generator=g, cond_fn=guide, guidance_scale=classifier_scale)
+            z = run_sampler(sampler, fn, base, xT, steps, opts)
         if gen.decoder is not None:
             z = gen.decoder.decode(z / float(gen.extra.get("latent_scale", 1.0)))
         outs.append(z.float())

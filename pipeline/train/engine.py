@@ -183,8 +183,10 @@ def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if m is not None and v is not None:
             tensors[f"exp_avg/{name}"] = m.detach().float().cpu().clone()
             tensors[f"exp_avg_sq/{name}"] = v.detach().float().cpu().clone()
+    persistent = set(engine.module.state_dict().keys())  # not e.g. DiT's fixed pos_embed, which the model rebuilds
     for name, b in engine.module.named_buffers():
-        tensors[f"buffer/{name}"] = b.detach().cpu().clone()
+        if name in persistent:
+            tensors[f"buffer/{name}"] = b.detach().cpu().clone()
     for st in base.state.values():
         if "step" in st:
             opt_step = float(st["step"])

@@ -13,7 +13,9 @@ search:
     stages.autoencoder.objective.beta: {grid: [1.0e-6, 1.0e-5, 1.0e-4]}
     stages.autoencoder.train.lr: {loguniform: [1.0e-4, 1.0e-2]}
     objective:                 # a group: each value is a mapping of dotted paths set together
-      grid: [{stages.diffusion.diffusion.loss: simple}, {stages.diffusion.diffusion.loss: hybrid}]
+      grid: [{stages.diffusion.diffusion.loss: simple},
+             {stages.diffusion.diffusion.loss: hybrid, stages.diffusion.diffusion.learn_sigma: true,
+              stages.diffusion.model.args.learn_sigma: true}]   # L_hybrid trains Σ (eq. 35)
 scheduler: {kind: asha, metric: train/loss, mode: min, grace_period: 50, reduction_factor: 2}
 max_concurrent_trials: 2
 ```

@@ -12,7 +12,9 @@ from pipeline.diffusion.consistency import (
     cd_teacher_step,
     consistency_levels,
     consistency_output,
+    ct_num_levels,
     ct_pair,
+    ct_target_ema,
     ema_update_,
     model_F,
     sample_consistency,
@@ -171,6 +173,7 @@ def test_task_student_target_and_loss(mode):
     for p in teacher.parameters():  # a teacher that is not the identity-at-init DiT
         p.data.add_(0.05 * torch.randn_like(p))
     stage = {"mode": mode, "levels": 8, "target_ema": 0.5, "diffusion": {"schedule": "cosine", "timesteps": 100},
+             "train": {"steps": 10}, "curriculum": {"s0": 2, "s1": 7, "mu0": 0.5},  # CT: μ(0) = μ0 = 0.5
              "model": {"name": "dit", "args": {"input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 32,
                                                "depth": 1, "num_heads": 2, "num_classes": 3, "learn_sigma": False}}}
     meta = {"name": "dit", "args": stage["model"]["args"],
@@ -200,6 +203,86 @@ def test_task_student_target_and_loss(mode):
     extra = task.export_extra()
     assert extra["consistency"]["timesteps"] == task.levels and extra["diffusion"]["parameterization"] == "v"
 
+
+
+def _paper_N(k: int, K: int, s0: int, s1: int) -> int:
+    """N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1, in floats (Song et al. 2023, CT schedule)."""
+    return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+def test_ct_curriculum_matches_the_paper_formulas():
+    K = 1000
+    by_hand = {0: 2, 1: 6, 10: 16, 100: 48, 500: 107, 999: 151, 1000: 151}  # √26.797 = 5.18 → 6, …
+    assert {k: ct_num_levels(k, K) for k in by_hand} == by_hand  # defaults s0 = 2, s1 = 150
+    ns = [ct_num_levels(k, K, 2, 150) for k in range(K + 1)]
+    assert ns == [_paper_N(k, K, 2, 150) for k in range(K + 1)]
+    assert ns == sorted(ns) and ns[0] == 2 and ns[-1] == 151  # N(0) = s0, N(K) = s1 + 1, never decreasing
+    assert ct_num_levels(3, 10, 2, 17) == 10  # √(0.3·320 + 4) = 10 exactly: ⌈10 − 1⌉ + 1, not 11
+    mus = [ct_target_ema(n, 2, 0.9) for n in ns]
+    assert mus[0] == pytest.approx(0.9)  # μ(0) = μ0
+    assert mus[-1] == pytest.approx(math.exp(2 * math.log(0.9) / 151))
+    assert ct_target_ema(48, 2, 0.95) == pytest.approx(0.95 ** (2 / 48))
+    assert mus == sorted(mus) and all(0 < m < 1 for m in mus)
+    with pytest.raises(ValueError):
+        ct_num_levels(11, 10)
+
+
+class _FakeEngine(nn.Module):
+    """A DeepSpeed-like wrapper: ``module`` and an LR scheduler whose count is the optimiser step."""
+
+    def __init__(self, module, step):
+        super().__init__()
+        self.module = module
+        self.lr_scheduler = type("Sched", (), {"last_epoch": step})()
+
+    def forward(self, *a, **kw):
+        return self.module(*a, **kw)
+
+
+def test_ct_task_draws_from_N_k_levels_and_applies_mu_k(monkeypatch):
+    import pipeline.train.consistency_task as ct
+
+    torch.manual_seed(0)
+    K, s0, s1, mu0 = 12, 2, 9, 0.6
+    stage = {"mode": "train", "diffusion": {"schedule": "cosine", "timesteps": 100}, "train": {"steps": K},
+             "curriculum": {"s0": s0, "s1": s1, "mu0": mu0},
+             "model": {"name": "dit", "args": {"input_size": 4, "patch_size": 2, "in_channels": 2, "hidden_size": 32,
+                                               "depth": 1, "num_heads": 2, "num_classes": 3, "learn_sigma": False}}}
+    task = ct.ConsistencyTask(stage, num_classes=3, data={"sample_shape": [2, 4, 4]})
+    sched = task.schedule
+    assert task.levels == consistency_levels(sched, s1 + 1)  # exported: the final discretisation N(K)
+    drawn = []
+    real_adjacent = ct.adjacent_levels
+    monkeypatch.setattr(ct, "adjacent_levels", lambda lv, b, g: (drawn.append(lv.tolist()), real_adjacent(lv, b, g))[1])
+    model = task.build_model()
+    batch = {"image": torch.randn(4, 2, 4, 4), "label": torch.tensor([0, 1, 2, 0])}
+    for k in range(K):
+        before = {n: v.clone() for n, v in task.target.state_dict().items()} if task.target is not None else None
+        task.loss(model, batch, torch.Generator().manual_seed(k))
+        n_k = _paper_N(k, K, s0, s1)
+        assert drawn[-1] == consistency_levels(sched, n_k), k  # pairs from the N(k) levels
+        if before is not None:  # the update after step k−1 used μ(k−1) = exp(s0 log μ0 / N(k−1))
+            mu = math.exp(s0 * math.log(mu0) / _paper_N(k - 1, K, s0, s1))
+            for n, p in model.named_parameters():
+                assert torch.allclose(task.target.state_dict()[n], mu * before[n] + (1 - mu) * p.detach()), (k, n)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+    assert len({len(d) for d in drawn}) > 3  # the number of levels grew during training
+    # a DeepSpeed engine's step (restored on resume) decides k, not the number of calls
+    task.loss(_FakeEngine(model, 11), batch, torch.Generator().manual_seed(0))
+    assert drawn[-1] == consistency_levels(sched, _paper_N(11, K, s0, s1)) != consistency_levels(sched, 2)
+
+
+def test_cd_task_keeps_fixed_levels_and_target_ema():
+    import pipeline.train.consistency_task as ct
+
+    teacher = _tiny_dit()
+    meta = {"name": "dit", "args": {}, "extra": {"diffusion": {"schedule": "cosine", "timesteps": 100,
+                                                              "parameterization": "v"}, "num_classes": 3}}
+    task = ct.ConsistencyTask({"mode": "distill", "levels": 8, "target_ema": 0.7}, teacher=teacher, teacher_meta=meta)
+    assert all(task.levels_at(k) == consistency_levels(task.schedule, 8) for k in (0, 5, 10_000))
+    assert all(task.mu_at(k) == 0.7 for k in (0, 5, 10_000))
 
 
 def _distill_job(*overrides: str):
@@ -253,3 +336,35 @@ def test_dit_fits_the_diffusion_task_and_samplers():
     for sampler in ("ddim", "ancestral"):
         x = generate(gen, labels, steps=3, guidance=2.0, sampler=sampler)
         assert x.shape == (3, 2, 8, 8) and torch.isfinite(x).all()
+
+
+def test_ct_step_follows_the_optimiser_through_the_loop_and_a_resume(tmp_path):
+    """Under the real loop (DeepSpeed, ZeRO-1) the CT task's k is the optimiser step, also after a resume."""
+    import pipeline.train.consistency_task as ct
+    from pipeline.train.loop import run_plain
+
+    seen: list[int] = []
+
+    class Recording(ct.ConsistencyTask):
+        def levels_at(self, k):
+            seen.append(k)
+            return super().levels_at(k)
+
+    args = {"in_channels": 2, "model_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+            "attention_resolutions": [], "num_classes": 3}
+    train = {"steps": 4, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1}
+    stage = {"mode": "train", "diffusion": {"schedule": "cosine", "timesteps": 100}, "train": train,
+             "curriculum": {"s0": 2, "s1": 9, "mu0": 0.9}, "model": {"name": "unet", "args": args}}
+    scale = {"workers": 1, "gpus_per_worker": 0, "zero_stage": 1, "precision": "fp32"}
+    g = torch.Generator().manual_seed(0)
+    data = {"image": torch.randn(32, 2, 4, 4, generator=g), "label": torch.arange(32) % 3}
+
+    def task():
+        t = Recording(stage, num_classes=3, data={"sample_shape": [2, 4, 4]})
+        seen.clear()  # the constructor asks for the final levels, N(K)
+        return t
+
+    _, _, saved = run_plain(task(), train, scale, None, samples=lambda: data, checkpoint_root=str(tmp_path))
+    assert seen == [0, 1, 2, 3]
+    run_plain(task(), train, scale, None, samples=lambda: data, resume_dir=saved[0])  # resumed at step 2
+    assert seen == [2, 3]

@@ -5,7 +5,20 @@ import math
 import pytest
 import torch
 
-from pipeline.diffusion import Schedule, ddim_step, dynamic_threshold, sample_ancestral, sample_ddim, sample_langevin
+from pipeline.diffusion import (
+    SAMPLERS,
+    SamplerOptions,
+    Schedule,
+    ddim_step,
+    dynamic_threshold,
+    langevin_step,
+    langevin_timesteps,
+    run_sampler,
+    sample_ancestral,
+    sample_ddim,
+    sample_langevin,
+    sample_langevin_vp,
+)
 
 F64 = torch.float64
 SD = 0.5  # data ~ N(0, SD²)
@@ -219,3 +232,97 @@ def test_ddim_with_dynamic_threshold_keeps_the_predicted_x0_in_range():
     assert plain.abs().max() > 4.9
     assert thresh.abs().max() <= 1.0 + 1e-9
     assert torch.allclose(thresh, plain / 5.0, atol=1e-9)  # the last step returns the rescaled x̂₀ exactly
+
+
+# ----------------------------------------------------------------------------- Langevin with the diffusion score
+
+
+def test_langevin_step_is_eq32():
+    gen = torch.Generator().manual_seed(5)
+    x, score, z = (torch.randn(4, 3, generator=gen, dtype=F64) for _ in range(3))
+    delta = 0.037
+    expected = x + delta / 2 * score + math.sqrt(delta) * z  # eq. 32, written out
+    assert torch.allclose(langevin_step(x, score, delta, z), expected)
+
+
+def test_langevin_vp_one_level_by_hand():
+    """Two steps of eq. 32 at one level with the score of eq. 33 in the σ frame, then the x̂₀ of eq. 41."""
+    s = Schedule.make("cosine", 10)
+    xT = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(t.tolist())
+        return 0.3 * x + 0.01 * t[:, None].to(x)
+
+    out = sample_langevin_vp(model_fn, s, xT, [6], langevin_steps=2, step_ratio=0.3,
+                             generator=torch.Generator().manual_seed(7))
+    a = float(s.alphas_cumprod[6])
+    sigma = math.sqrt((1 - a) / a)
+    delta = 0.3 * sigma**2
+    g = torch.Generator().manual_seed(7)
+    x = sigma * xT  # x_σ at the top level
+    for _ in range(2):
+        eps = 0.3 * math.sqrt(a) * x + 0.06
+        score = -eps / math.sqrt(1 - a) * math.sqrt(a)  # eq. 33, carried to x_σ = x_t / √ᾱ
+        x = x + delta / 2 * score + math.sqrt(delta) * torch.randn(x.shape, generator=g, dtype=F64)
+    x0 = x - sigma * (0.3 * math.sqrt(a) * x + 0.06)  # x̂₀ from x_t = √ᾱ x_σ
+    assert torch.allclose(out, x0)
+    assert calls == [[6] * 5] * 3  # two Langevin steps and the final x̂₀, all at the original timestep 6
+
+
+def test_langevin_with_the_exact_score_samples_the_data_gaussian():
+    s = Schedule.make("linear", 1000)
+    x = sample_langevin_vp(gaussian_eps_model(s), s, (10_000, 1), 20, langevin_steps=50,
+                           generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert abs(x.mean().item()) < 0.03
+    assert x.std().item() == pytest.approx(SD, rel=0.04)  # measured 0.511 (s.e. of the std ≈ 0.7 %)
+
+
+def test_langevin_levels_are_geometric_in_sigma():
+    s = Schedule.make("linear", 1000)
+    levels = langevin_timesteps(s, 50)
+    assert levels == sorted(set(levels)) and levels[0] == 0 and levels[-1] == 999 and len(levels) <= 50
+    acp = s.alphas_cumprod[levels]
+    gaps = torch.diff(0.5 * ((1 - acp) / acp).log())  # gaps in log σ
+    assert gaps.min() > 0.5 * gaps.mean() and gaps.max() < 2 * gaps.mean()  # evenly strided t: ratio > 100
+
+
+def test_sampler_registry_dispatches_to_the_samplers():
+    s = Schedule.make("cosine", 20)
+    model = gaussian_eps_model(s)
+    xT = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(9))
+    assert set(SAMPLERS) == {"ancestral", "ddim", "langevin"}
+    o = SamplerOptions(eta=0.5, langevin_steps=2, langevin_step_ratio=0.2)
+    for name, direct in [
+        ("ddim", lambda g: sample_ddim(model, s, xT, 5, eta=0.5, generator=g)),
+        ("ancestral", lambda g: sample_ancestral(model, s.respace(5), xT, generator=g)),
+        ("langevin", lambda g: sample_langevin_vp(model, s, xT, 5, langevin_steps=2, step_ratio=0.2, generator=g)),
+    ]:
+        got = run_sampler(name, model, s, xT, 5, SamplerOptions(**{**o.__dict__,
+                                                                   "generator": torch.Generator().manual_seed(1)}))
+        assert torch.equal(got, direct(torch.Generator().manual_seed(1))), name
+    with pytest.raises(ValueError, match="langevin"):
+        run_sampler("euler", model, s, xT, 5)
+
+
+def test_generate_samples_with_langevin_and_its_settings():
+    from torch import nn
+
+    from pipeline.eval import Generator, generate
+
+    class Net(nn.Module):
+        def forward(self, x, t, y=None):
+            return 0.2 * x + 0.1 * y[:, None].to(x)
+
+    gen = Generator(Net(), {"extra": {"diffusion": {"schedule": "cosine", "timesteps": 50}, "num_classes": 3,
+                                      "sample_shape": [2]}})
+    labels = torch.tensor([0, 1, 2, 1])
+    got = generate(gen, labels, steps=6, sampler="langevin", seed=3, langevin_steps=2, langevin_step_ratio=0.2)
+    g = torch.Generator().manual_seed(3)
+    xT = torch.randn((4, 2), generator=g)
+    want = sample_langevin_vp(lambda x, t: Net()(x, t, y=labels), gen.schedule, xT, 6, langevin_steps=2,
+                              step_ratio=0.2, generator=g)
+    assert torch.allclose(got, want)
+    other = generate(gen, labels, steps=6, sampler="langevin", seed=3, langevin_steps=3, langevin_step_ratio=0.2)
+    assert not torch.allclose(got, other)  # the settings reach the sampler

@@ -54,12 +54,15 @@ def test_swissroll_command_logs_metrics_and_plot(mlflow_store, capsys):
 def test_swissroll_flags_reach_the_experiment(mlflow_store):
     rc = main(["toy", "swissroll", "--steps", "40", "--schedule", "cosine", "--timesteps", "50",
                "--parameterization", "v", "--loss", "hybrid", "--lambda-vlb", "0.01", "--learn-sigma",
-               "--sampler", "ddim", "--sample-steps", "5", "--eta", "0.5", "--num-samples", "200",
+               "--sampler", "ddim", "--sampler", "langevin", "--langevin-steps", "2", "--langevin-step-ratio", "0.3",
+               "--sample-steps", "5", "--eta", "0.5", "--num-samples", "200",
                "--nll-points", "50", "--tracking-uri", mlflow_store, "--experiment", "sr-flags"])
     assert rc == 0
     _, run = _only_run(mlflow_store, "sr-flags")
     p = run.data.params
     assert (p["schedule"], p["parameterization"], p["loss"], p["learn_sigma"], p["samplers"], p["eta"]) == (
-        "cosine", "v", "hybrid", "True", "ddim", "0.5")
+        "cosine", "v", "hybrid", "True", "ddim,langevin", "0.5")
+    assert (p["langevin_steps"], p["langevin_step_ratio"]) == ("2", "0.3")
     assert "sw/ddim_5" in run.data.metrics and "sw/ancestral_50" not in run.data.metrics
+    assert math.isfinite(run.data.metrics["sw/langevin_5"])
     assert math.isfinite(run.data.metrics["bits_per_dim"])

@@ -54,3 +54,36 @@ def test_one_gpu_worker_uses_zero0_for_stages_1_2_only() -> None:
     assert [effective_zero_stage(s, 1, cuda) for s in (0, 1, 2, 3)] == [0, 0, 0, 3]
     assert [effective_zero_stage(s, 2, cuda) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
     assert [effective_zero_stage(s, 1, cpu) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
+
+
+class _WithBuffers(nn.Module):
+    """A layer with a persistent buffer (saved) and a non-persistent one (rebuilt by the model, like DiT's
+    fixed sin-cos `pos_embed`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("fixed", torch.arange(4.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x + self.fixed)
+
+
+def test_full_state_keeps_persistent_buffers_and_loads_into_a_fresh_module() -> None:
+    from pipeline.train.engine import full_state, load_module_state
+
+    torch.manual_seed(0)
+    model = _WithBuffers()
+    model.count.fill_(7.0)
+    engine = make_engine(model, lr=0.1, weight_decay=0.0, warmup_steps=0, micro_batch=2, zero_stage=0,
+                         grad_clip=1.0, device=torch.device("cpu"), precision="fp32")
+    engine.backward(engine(torch.randn(2, 4)).square().mean())
+    engine_step(engine, 1.0)
+    tensors, _ = full_state(engine)
+    assert "buffer/count" in tensors and "buffer/fixed" not in tensors  # what state_dict() would hold
+    fresh = _WithBuffers()
+    load_module_state(fresh, tensors)  # strict: a saved non-persistent buffer was "Unexpected key(s)"
+    assert float(fresh.count) == 7.0
+    for a, b in zip(fresh.parameters(), engine.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
