@@ -114,6 +114,28 @@ def test_sr_inputs_shapes_and_conditioning():
     torch.testing.assert_close(target, downsample(imgs, 8))
 
 
+def test_blur_conditioning_is_an_independent_gaussian_blur_at_each_drawn_sigma():
+    """sr_inputs with `kind: blur`: every sample's conditioning is the bicubic upsampling of its low-res image
+    blurred (scipy, not our kernel) at its own σ, drawn per sample from the configured levels; σ = 0 is identity."""
+    imgs = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    levels = [0.0, 0.5, 1.2]
+    _, cond, idx = sr_inputs(imgs, 16, 8, "blur", levels, torch.Generator().manual_seed(4))
+    assert set(idx.tolist()) == {0, 1, 2}  # per-sample draws cover the range, not one σ for the batch
+    low = downsample(imgs, 8).numpy().astype(np.float64)
+    for i, k in enumerate(idx.tolist()):
+        s = levels[k]
+        blurred = low[i] if s == 0 else gaussian_filter(low[i], sigma=(0, s, s), truncate=3.0, mode="mirror")
+        ref = upsample_bicubic(torch.from_numpy(blurred).float()[None], 16)[0]
+        torch.testing.assert_close(cond[i], ref, rtol=1e-5, atol=1e-5)
+    identity = idx == 0
+    torch.testing.assert_close(cond[identity], upsample_bicubic(downsample(imgs[identity], 8), 16))
+    # the sampling-time conditioning at a fixed σ blurs every sample at that σ
+    cond_s, idx_s = sr_condition(downsample(imgs[:4], 8), 16, "blur", levels, 0.45)
+    assert idx_s.tolist() == [1] * 4
+    ref = gaussian_filter(low[:4], sigma=(0, 0, 0.5, 0.5), truncate=3.0, mode="mirror")
+    torch.testing.assert_close(cond_s, upsample_bicubic(torch.from_numpy(ref).float(), 16), rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_condition_snaps_the_level():
     low = torch.zeros(4, 3, 8, 8)
     cond, idx = sr_condition(low, 16, "noise", [0.0, 0.2, 0.5], 0.22, torch.Generator().manual_seed(0))
@@ -166,8 +188,25 @@ def test_sampling_a_stage_gives_images_at_its_size():
     task = SuperResTask(STAGE, num_classes=7, data={"channels": 3, "cascade_input": None})
     model = task.build_model().eval()
     meta = {"extra": task.export_extra()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero-initialised output: conditioning shows in the samples
+            p.add_(0.05 * torch.randn_like(p))
     out = sample_stage(model, meta, n=3, steps=2, seed=0, low=torch.zeros(3, 3, 4, 4), level=0.3)
-    assert out.shape == (3, 3, 8, 8) and float(out.abs().max()) <= 1.0
+    # the same draw by hand: augmentation noise of the low-res input first (γ = 0.3 on zeros: 0.3·ε), torch's
+    # bicubic upsampling clamped, then x_T, 2 DDIM steps of the v-model on [x_t ‖ cond] at level index 1
+    from pipeline.diffusion import Schedule, sample_ddim
+
+    g = torch.Generator().manual_seed(0)
+    cond = torch.nn.functional.interpolate(0.3 * torch.randn(3, 3, 4, 4, generator=g), size=(8, 8),
+                                           mode="bicubic", align_corners=False).clamp(-1, 1)
+    x_t = torch.randn(3, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        raw = sample_ddim(lambda x, t: model(torch.cat([x, cond], 1), t, y=torch.ones(3, dtype=torch.long)),
+                          Schedule.make("cosine", 100), x_t, 2, parameterization="v", generator=g)
+    assert out.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(out, raw.clamp(-1, 1))
+    assert float(raw.abs().max()) > 1.0  # the clamp is exercised
 
 
 def test_residual_round_trip_and_task_target():
@@ -254,7 +293,8 @@ def test_cascade_spec_rules_for_guidance_and_thresholds():
     from pipeline.config import SuperResStage
 
     base = {"kind": "superres", "size": 16, "low_res": 8, "needs": ["b"], "model": {"name": "unet"},
-            "train": {"steps": 1, "batch_size": 2}, "register": {"name": "sr"}}
+            "train": {"steps": 1, "batch_size": 2},
+            "register": {"name": "sr", "gate": {"metric": "eval/psnr_gain", "min": 0.0}}}
     SuperResStage(**{**base, "sampling": {"dynamic_threshold": 0.995}})
     for extra, msg in [({"sampling": {"guidance": 2.0}}, "no ∅ condition"),
                        ({"residual_scale": 0.2, "sampling": {"dynamic_threshold": 0.99}}, "predicts a residual"),
@@ -266,3 +306,36 @@ def test_cascade_spec_rules_for_guidance_and_thresholds():
             SuperResStage(**{**base, **extra})
     text = SuperResStage(**{**base, "conditioning": "text", "sampling": {"guidance": 2.0}})
     assert text.text_encoder.name == "trainable"  # guidance on the caption is allowed, the encoder defaulted
+
+
+def _cascade_stage(size: int, low_res: int | None, augment: dict, seed: int):
+    """A tiny untrained cascade stage (1 channel) with perturbed weights, so its output depends on its input."""
+    stage = {**STAGE, "size": size, "low_res": low_res, "augment": augment, "sampling": {"steps": 3}}
+    task = SuperResTask(stage, num_classes=7, data={"channels": 1, "cascade_input": None})
+    torch.manual_seed(seed)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, {"extra": task.export_extra()}
+
+
+def test_three_stage_cascade_feeds_each_stage_the_previous_output():
+    """sample_cascade 4 → 8 → 16: every SR stage is sampled on the previous stage's output at its sample_level."""
+    from pipeline.stages.superres import sample_cascade
+
+    chain = [_cascade_stage(4, None, {}, 0),
+             _cascade_stage(8, 4, {"kind": "noise", "levels": [0.0, 0.1], "sample_level": 0.1}, 1),
+             _cascade_stage(16, 8, {"kind": "blur", "levels": [0.0, 0.5], "sample_level": 0.5}, 2)]
+    labels = torch.tensor([1, 2])
+    outs = sample_cascade(chain, labels, seed=5)
+    assert [tuple(o.shape) for o in outs] == [(2, 1, 4, 4), (2, 1, 8, 8), (2, 1, 16, 16)]
+    (m0, e0), (m1, e1), (m2, e2) = chain
+    base = sample_stage(m0, e0, n=2, steps=3, seed=5, labels=labels)
+    sr8 = sample_stage(m1, e1, n=2, steps=3, seed=6, low=base, level=0.1)
+    sr16 = sample_stage(m2, e2, n=2, steps=3, seed=7, low=sr8, level=0.5)
+    for got, want in zip(outs, (base, sr8, sr16), strict=True):
+        torch.testing.assert_close(got, want)
+    # the last stage's output depends on which image it was given (so the equality above is not vacuous)
+    other = sample_stage(m2, e2, n=2, steps=3, seed=7, low=upsample_bicubic(base, 8), level=0.5)
+    assert float((other - sr16).abs().max()) > 1e-3
