@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from pipeline.data import build_dataset, load_split
@@ -145,3 +147,23 @@ def tiny_mlflow(tiny_store: TinyStore, monkeypatch: pytest.MonkeyPatch) -> TinyS
     mlflow.set_tracking_uri(tiny_store.uri)
     yield tiny_store
     mlflow.set_tracking_uri(previous)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to features (N, d), in numpy."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # unbiased (N - 1)
+    root = scipy.linalg.sqrtm(s_a @ s_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root).real)
+
+
+def unbiased_mmd2(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-size samples (N, d) with the kernel k(x, y) = (x.y / d + 1)^3, in numpy."""
+    m, d = a.shape
+
+    def k(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return (u @ v.T / d + 1.0) ** 3
+
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    off = m * (m - 1)
+    return float((kaa.sum() - np.trace(kaa)) / off + (kbb.sum() - np.trace(kbb)) / off - 2 * kab.mean())

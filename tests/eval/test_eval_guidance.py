@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.cli import main
 from pipeline.diffusion import Schedule
@@ -82,8 +84,14 @@ def test_sample_command_with_classifier_guidance(tiny_mlflow, tmp_path, capsys):
                "--classifier-scale", "3", "--sampler", "ancestral", "--steps", "5", "--num", "8", "--nrow", "4",
                "--out", str(out), "--tracking-uri", tiny_mlflow.uri])
     assert rc == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "classifier guidance 3" in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    rc = main(["sample", "models:/tiny-ddpm@champion", "--sampler", "ancestral", "--steps", "5", "--num", "8",
+               "--nrow", "4", "--out", str(plain), "--tracking-uri", tiny_mlflow.uri])
+    assert rc == 0 and "classifier guidance" not in capsys.readouterr().out
+    guided, unguided = (np.asarray(Image.open(p).convert("L"), dtype=np.int16) for p in (out, plain))
+    assert guided.shape == unguided.shape == ((2 * 9 + 1) * 4, (4 * 9 + 1) * 4)  # 2 rows of 4 tiles, ×4
+    assert np.abs(guided - unguided).max() > 10  # the classifier's gradient moved the same-seed samples
     with pytest.raises(SystemExit, match="needs --classifier"):
         main(["sample", "models:/tiny-ddpm@champion", "--classifier-scale", "3", "--out", str(out),
               "--tracking-uri", tiny_mlflow.uri])

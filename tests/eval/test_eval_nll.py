@@ -60,10 +60,12 @@ def test_latent_model_is_measured_on_scaled_latents_with_gaussian_decoder():
 
 
 def test_quantize_8bit_snaps_to_bin_centres():
-    x = torch.tensor([-1.2, -1.0, -0.999, 0.0, 0.5, 1.0])
+    x = torch.tensor([-1.2, -1.0, -0.999, 0.01, 0.5, 0.997, 1.0, 1.3])
     q = quantize_8bit(x)
-    assert torch.allclose((q + 1) * 127.5, ((q + 1) * 127.5).round(), atol=1e-4)
-    assert q.min() >= -1 and q.max() <= 1
+    # (x + 1) * 127.5 = [-25.5 → 0, 0, 0.13, 128.78, 191.25, 254.6, 255, 293.25 → 255]: the nearest of the
+    # 256 levels k, at k / 127.5 - 1
+    levels = torch.tensor([0.0, 0.0, 0.0, 129.0, 191.0, 255.0, 255.0, 255.0])
+    torch.testing.assert_close(q, levels / 127.5 - 1.0)
 
 
 def _nll_runs(uri: str, name: str):

@@ -12,10 +12,10 @@ from skimage import data as skdata
 from skimage.feature import canny
 
 from pipeline.cli import main
-from pipeline.eval import image_grid
-from pipeline.train.controlnet_task import control_from_image, sample_controlled
+from pipeline.diffusion import Schedule, sample_ddim
+from pipeline.train.controlnet_task import control_from_image
 from pipeline.train.export import load_exported
-from tests.eval.conftest import EDGES
+from tests.eval.conftest import DIFFUSION, EDGES
 
 
 def _png(path, array: np.ndarray) -> str:
@@ -34,8 +34,16 @@ def test_control_map_is_the_canny_edges_of_the_picture(tmp_path, tiny_store):
     assert torch.equal(edges[0, 0].bool(), torch.from_numpy(expected))
     assert torch.equal(picture[0, 0], torch.from_numpy(pixels / 127.5 - 1.0).float())
     # a large colour photograph is turned grey and resized to the model's 8×8
-    edges, picture = control_from_image(_png(tmp_path / "astronaut.png", skdata.astronaut()), meta)
-    assert edges.shape == picture.shape == (1, 1, 8, 8) and -1 <= picture.min() <= picture.max() <= 1
+    rgb = skdata.astronaut()  # 512×512: each of the 8×8 pixels stands for a 64×64 block
+    edges, picture = control_from_image(_png(tmp_path / "astronaut.png", rgb), meta)
+    assert edges.shape == picture.shape == (1, 1, 8, 8)
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 grey, as PIL's "L"
+    blocks = luma.reshape(8, 64, 8, 64).mean(axis=(1, 3)) / 127.5 - 1.0
+    got = picture[0, 0].double().numpy()
+    assert abs(got.mean() - blocks.mean()) < 0.02 and np.abs(got - blocks).mean() < 0.1  # grey, in [-1, 1]
+    expected = canny((got + 1) / 2, sigma=EDGES["sigma"], low_threshold=EDGES["low_threshold"],
+                     high_threshold=EDGES["high_threshold"])
+    assert torch.equal(edges[0, 0].bool(), torch.from_numpy(expected))  # the edges of the picture returned
 
 
 def test_sample_command_draws_rows_that_start_with_the_control(tmp_path, tiny_mlflow, capsys):
@@ -44,15 +52,33 @@ def test_sample_command_draws_rows_that_start_with_the_control(tmp_path, tiny_ml
     rc = main(["sample", "models:/tiny-controlnet@champion", "--control", pics[0], "--control", pics[1],
                "--label", "2", "--num", "3", "--steps", "4", "--out", str(out), "--tracking-uri", tiny_mlflow.uri])
     assert rc == 0 and "following the edges of 2 picture(s)" in capsys.readouterr().out
-    # Independently: the zero-initialised ControlNet draws what its base draws from the same noise, and each
-    # row is [edge map, 3 samples].
-    model, meta = load_exported(tiny_mlflow.dirs["tiny-controlnet"])
-    base, base_meta = load_exported(tiny_mlflow.dirs["tiny-ddpm"])
-    control = torch.cat([control_from_image(p, meta)[0].expand(3, -1, -1, -1) for p in pics])
-    samples = sample_controlled(base, base_meta, torch.full((6,), 2), None, steps=4, seed=0)
-    rows = [torch.cat([control[i * 3:i * 3 + 1] * 2 - 1, samples[i * 3:(i + 1) * 3]]) for i in range(2)]
-    assert out.read_bytes() == image_grid(torch.cat(rows), nrow=4, scale=4)
-    assert Image.open(io.BytesIO(out.read_bytes())).size == ((4 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+    # Independently of what the command calls: the zero-initialised ControlNet draws what its base draws from
+    # the same noise (DDIM on the base's own forward), and each row is [the picture's edges, 3 samples], the
+    # edges the Canny map of the picture turned grey and resized to 8×8, white on black.
+    base, _ = load_exported(tiny_mlflow.dirs["tiny-ddpm"])
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn((6, 1, 8, 8), generator=g)
+    labels = torch.full((6,), 2)
+    with torch.no_grad():
+        samples = sample_ddim(lambda x, t: base(x, t, y=labels), Schedule.make(DIFFUSION["schedule"],
+                              DIFFUSION["timesteps"]), x_t, 4, parameterization=DIFFUSION["parameterization"],
+                              generator=g).clamp(-1, 1)
+    grid = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("L"))
+    assert grid.shape == ((2 * 9 + 1) * 4, (4 * 9 + 1) * 4)
+    assert (grid.reshape(19, 4, 37, 4) == grid[::4, ::4][:, None, :, None]).all()  # 4× nearest upscale
+    cells = grid[::4, ::4]
+    assert (cells[::9] == 255).all() and (cells[:, ::9] == 255).all()  # white 1-pixel separators
+    for r, path in enumerate(pics):
+        with Image.open(path) as img:
+            small = np.asarray(img.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255.0
+        edge = canny(small, sigma=EDGES["sigma"], low_threshold=EDGES["low_threshold"],
+                     high_threshold=EDGES["high_threshold"])
+        tile = cells[1 + r * 9:9 + r * 9]
+        np.testing.assert_array_equal(tile[:, 1:9], np.where(edge, 255, 0))
+        for k in range(3):
+            want = ((samples[r * 3 + k, 0].double().numpy() + 1) * 127.5)
+            assert np.abs(tile[:, 1 + (k + 1) * 9:9 + (k + 1) * 9] - want).max() <= 0.5 + 1e-3  # 8-bit rounding
+    assert any(cells[1 + r * 9:9 + r * 9, 1:9].any() for r in range(2))  # some edges: the check above bites
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,5 +1,7 @@
 """DiT: preset sizes, shapes, adaLN-Zero identity, conditioning, checkpointing, bf16, overfitting."""
 
+import math
+
 import pytest
 import torch
 
@@ -59,7 +61,12 @@ def test_tiny_shapes(kwargs, out_channels):
 def test_pos_embed_is_fixed_sincos():
     emb = sincos_pos_embed_2d(16, 4)
     assert emb.shape == (16, 16)
-    assert torch.all(emb.abs() <= 1) and torch.allclose(emb[0, :4], torch.zeros(4))  # sin(0) = 0
+    freqs = [1.0, 0.1, 0.01, 0.001]  # 10000^(-k / (dim / 4)), k = 0..3
+    for r in range(4):
+        for c in range(4):  # row-major: position r·4 + c is [sin(r f), cos(r f), sin(c f), cos(c f)]
+            want = ([math.sin(r * f) for f in freqs] + [math.cos(r * f) for f in freqs]
+                    + [math.sin(c * f) for f in freqs] + [math.cos(c * f) for f in freqs])
+            torch.testing.assert_close(emb[r * 4 + c], torch.tensor(want), atol=1e-6, rtol=0)
     assert len({tuple(r.tolist()) for r in emb}) == 16  # every position distinct
 
 

@@ -71,8 +71,19 @@ def test_shapes_and_filmstrip_split() -> None:
     assert out["x2_logits"].shape == (2, 1, 8, 8) and out["z1"].shape == (2, 4)
     torch.testing.assert_close(out["x2"], frames[[0, 1], [2, 4]])
     assert model.beliefs(frames).shape == (2, 6, 16 + 32)  # [LSTM state, features of the newest frame]
-    pred = model.predict(frames[:, :3], [1, 3], samples=5)
-    assert set(pred) == {1, 3} and pred[1].shape == (5, 2, 1, 8, 8) and pred[1].abs().max() <= 1
+    pred = model.predict(frames[:, :3], [1, 3], torch.Generator().manual_seed(0), samples=5)
+    assert set(pred) == {1, 3} and pred[1].shape == (5, 2, 1, 8, 8)
+    # the first draw by hand: z ~ p_B(· | b) at the LAST context frame, then one δ = k jump from that same z
+    # for each horizon, decoded as Bernoulli means mapped to [-1, 1]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mean, logvar = model.belief(model.beliefs(frames[:, :3])[:, 2])
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        for k in (1, 3):
+            m, lv = model.transition(z, torch.full((2,), k))
+            logits = model.decode(m + (0.5 * lv).exp() * torch.randn(m.shape, generator=g))
+            torch.testing.assert_close(pred[k][0], 2 * torch.sigmoid(logits) - 1)
+    assert not torch.allclose(pred[1][0], pred[1][1])  # each of the 5 draws is its own sample
     assert model.filter_reconstruct(frames).shape == frames.shape
     with pytest.raises(ValueError, match="jump lengths"):
         model.transition(torch.zeros(1, 4), torch.tensor([4]))

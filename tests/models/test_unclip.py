@@ -216,12 +216,23 @@ def test_sample_prior_gives_unit_norm_embeddings_reproducibly():
     assert torch.equal(a, b)
 
 
-def test_sample_decoder_shapes_and_range():
+def test_sample_decoder_is_the_clamped_guided_ddim_draw():
     dec = build_model("clip_decoder", denoiser={"name": "unet", "args": {
         "in_channels": 1, "model_channels": 8, "channel_mult": [1], "attention_resolutions": [1], "num_heads": 2}},
         embed_dim=8, tokens=1, context_dim=8).eval()
-    x = sample_decoder(dec, _meta([1, 8, 8], "v"), F.normalize(torch.randn(3, 8), dim=-1), steps=3, guidance=1.0)
-    assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1.0
+    torch.manual_seed(0)
+    for p in dec.parameters():  # large non-zero weights: draws reach outside [-1, 1] before the clamp
+        torch.nn.init.normal_(p, std=0.2)
+    emb = F.normalize(torch.randn(3, 8), dim=-1)
+    x = sample_decoder(dec, _meta([1, 8, 8], "v"), emb, steps=3, guidance=1.0)
+    g = torch.Generator().manual_seed(0)  # the default seed's x_T, then DDIM on (1 + w) f(c) − w f(0), w = 1
+    x_t = torch.randn((3, 1, 8, 8), generator=g)
+    with torch.no_grad():
+        raw = sample_ddim(lambda v, t: 2 * dec(v, t, embedding=emb) - dec(v, t, embedding=torch.zeros_like(emb)),
+                          Schedule.make("cosine", 100), x_t, 3, parameterization="v", generator=g)
+    assert x.shape == (3, 1, 8, 8)
+    assert (raw.abs() > 1).any() and (raw.abs() < 0.9).any()  # the clamp cuts some values and keeps others
+    torch.testing.assert_close(x, raw.clamp(-1, 1), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -298,7 +309,7 @@ def test_unclip_job_parses():
      "needs exactly two stages: the clip stage and the clip_prior"),
     (lambda r: r["stages"]["decoder"].update(needs=["clip", "classifier"]),
      "needs one clip stage and one clip_prior stage, got clip (clip), classifier (classifier)"),
-    (lambda r: r["stages"]["prior"]["diffusion"].update(loss="hybrid"), "diffusion.loss: simple"),
+    (lambda r: r["stages"]["prior"]["diffusion"].update(loss="hybrid", learn_sigma=True), "diffusion.loss: simple"),
     (lambda r: r["stages"]["clip"]["model"].update(name="unet"), "a clip stage trains the `clip` model"),
     (lambda r: r["stages"]["decoder"]["sampling"].update(classifier="classifier", classifier_scale=1.0),
      "classifier-free guidance only"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,12 +94,15 @@ def test_cli_reports_bad_spec_without_traceback(tmp_path):
     raw = _raw()
     raw["stages"]["autoencoder"]["scale"]["zero_stage"] = 5
     path = _write(tmp_path, raw)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default store: ./mlflow.db
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path, env=env)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "stages.autoencoder.scale.zero_stage" in out.stderr
-    assert not (tmp_path / "mlflow.db").exists()  # nothing started before validation
+    assert not (tmp_path / "mlflow.db").exists()  # the cwd's default store: nothing started before validation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]  # nor any other file written
 
 
 def test_gate_bounds():
