@@ -36,3 +36,16 @@ def _isolated_ray_state():
     except ImportError:  # a Ray without the helper: nothing cached to reset
         return
     reset_auth_token_state()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """One authenticated MLflow tracking server on PostgreSQL for the whole test run (started on first use).
+
+    Tests that only need *a* server share it: each uses its own experiment and registered-model names, and
+    sets the server's client environment with ``monkeypatch.setenv`` for each item of ``srv.env``.
+    """
+    from tests.servers import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("shared-mlflow"), backend="postgres") as srv:
+        yield srv

@@ -98,14 +98,23 @@ def test_start_script_refuses_without_credentials(tmp_path: Path) -> None:
     assert "PGPASSWORD" in out.stderr and "hunter2" not in out.stderr
 
 
+def _check_server(srv: ServerInfo, scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert srv.uri.startswith("http://127.0.0.1:")
+    assert srv.backend_store_uri.startswith(scheme)
+    try:
+        _exercise(srv, tmp_path, monkeypatch)
+    except Exception:
+        print(srv.log_tail())
+        raise
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_server_auth_tracking_and_registry(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with mlflow_server(tmp_path, backend=backend) as srv:  # type: ignore[arg-type]
-        assert srv.uri.startswith("http://127.0.0.1:")
-        assert backend in srv.backend_store_uri or (backend == "postgres" and "postgresql" in srv.backend_store_uri)
-        try:
-            _exercise(srv, tmp_path, monkeypatch)
-        except Exception:
-            print(srv.log_tail())
-            raise
+def test_server_auth_tracking_and_registry_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with mlflow_server(tmp_path, backend="sqlite") as srv:
+        _check_server(srv, "sqlite:///", tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_server_auth_tracking_and_registry_on_postgres(shared_mlflow_server: ServerInfo, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _check_server(shared_mlflow_server, "postgresql://", tmp_path, monkeypatch)  # the run's shared server

@@ -91,77 +91,76 @@ def test_shipped_sweeps_validate_and_groups_expand():
 
 
 @pytest.mark.slow
-def test_sweep_against_mlflow_server(tmp_path, monkeypatch):
+def test_sweep_against_mlflow_server(tmp_path, monkeypatch, shared_mlflow_server):
     import ray
     from mlflow.tracking import MlflowClient
 
     import mlflow
     from pipeline import tracking
     from pipeline.tune import run_sweep
-    from tests.servers import mlflow_server
 
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, SWEEP)
-    with mlflow_server(tmp_path / "srv", backend="sqlite") as srv:
-        for k, v in srv.env.items():
-            monkeypatch.setenv(k, v)
-        try:
-            result = run_sweep(load_sweep(path))
-            again = run_sweep(load_sweep(path))  # a finished sweep restores (Tuner.restore) and registers nothing new
-        finally:
-            ray.shutdown()
-        mlflow.set_tracking_uri(srv.uri)
-        client = MlflowClient()
+    srv = shared_mlflow_server  # PostgreSQL-backed, shared with the other tests that need a server
+    for k, v in srv.env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        result = run_sweep(load_sweep(path))
+        again = run_sweep(load_sweep(path))  # a finished sweep restores (Tuner.restore) and registers nothing new
+    finally:
+        ray.shutdown()
+    mlflow.set_tracking_uri(srv.uri)
+    client = MlflowClient()
 
-        status = [(r.config["variant"][BETA], r.config["variant"].get(WORKERS, 1), r.status) for r in result.rows]
-        assert len(result.rows) == 5
-        stopped = [r for r in result.rows if r.status == "stopped early"]
-        completed = [r for r in result.rows if r.status == "completed"]
-        failed = [r for r in result.rows if r.status == "failed"]
-        assert len(stopped) >= 1, status
-        assert all(r.step is not None and r.step < 12 for r in stopped)
-        assert all(r.config["variant"][BETA] == 10.0 for r in stopped), status  # ASHA stops the high-β trials
-        assert len(failed) == 1 and "batch_size" in str(failed[0].config) and "batch" in failed[0].error
-        assert len(completed) >= 2
+    status = [(r.config["variant"][BETA], r.config["variant"].get(WORKERS, 1), r.status) for r in result.rows]
+    assert len(result.rows) == 5
+    stopped = [r for r in result.rows if r.status == "stopped early"]
+    completed = [r for r in result.rows if r.status == "completed"]
+    failed = [r for r in result.rows if r.status == "failed"]
+    assert len(stopped) >= 1, status
+    assert all(r.step is not None and r.step < 12 for r in stopped)
+    assert all(r.config["variant"][BETA] == 10.0 for r in stopped), status  # ASHA stops the high-β trials
+    assert len(failed) == 1 and "batch_size" in str(failed[0].config) and "batch" in failed[0].error
+    assert len(completed) >= 2
 
-        # the server holds the sweep run and one child run per trial, marked by how it ended
-        sweep_run = client.get_run(result.sweep_run_id)
-        assert sweep_run.info.status == "FINISHED"
-        exp = client.get_experiment_by_name("tiny-sweep")
-        children = client.search_runs([exp.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{result.sweep_run_id}'")
-        assert len(children) == 5
-        by_id = {r.info.run_id: r for r in children}
-        for row in result.rows:
-            run = by_id[row.run_id]
-            want = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}[row.status]
-            assert run.info.status == want and run.data.tags["pipeline.trial_status"] == row.status
-            assert run.data.params["sweep.variant"] == str(row.config["variant"])
-            assert run.data.params["objective.beta"] == str(row.config["variant"][BETA])
-        for row in stopped + completed:
-            history = client.get_metric_history(row.run_id, "train/loss")
-            steps = [m.step for m in history]
-            assert steps == sorted(steps) and steps[0] == 2
-            if row.status == "completed":
-                assert max(steps) == 12
-        for row in stopped:
-            # ASHA stopped it on a report before the last step (row.step). The stop reaches the Train workers
-            # asynchronously, so their MLflow history may run a few steps past it; the trial is never evaluated.
-            assert "eval/recon_mse" not in by_id[row.run_id].data.metrics
-        # the best completed trial, computed from the server's runs, is the registered candidate
-        finished = [r for r in children if r.info.status == "FINISHED"]
-        best = min(finished, key=lambda r: r.data.metrics["eval/recon_mse"])
-        cand = tracking.resolve("models:/tiny-ae@candidate")
-        assert result.candidate == cand.uri and cand.run_id == best.info.run_id
-        assert math.isclose(result.best.metric_value, best.data.metrics["eval/recon_mse"])
-        assert cand.tags["pipeline.sweep_run_id"] == result.sweep_run_id
-        assert cand.tags["pipeline.trial_id"] == best.data.tags["pipeline.trial_id"]
-        assert cand.tags["pipeline.spec_sha256"] and cand.tags["pipeline.data_manifest_sha256"]
-        assert tracking.find_alias("tiny-ae", "champion") is None  # a sweep proposes; promotion decides
-        assert "sweep_summary.md" in {a.path for a in client.list_artifacts(result.sweep_run_id)}
-        assert sweep_run.data.metrics["sweep/trials_failed"] == 1.0
+    # the server holds the sweep run and one child run per trial, marked by how it ended
+    sweep_run = client.get_run(result.sweep_run_id)
+    assert sweep_run.info.status == "FINISHED"
+    exp = client.get_experiment_by_name("tiny-sweep")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.sweep_run_id}'")
+    assert len(children) == 5
+    by_id = {r.info.run_id: r for r in children}
+    for row in result.rows:
+        run = by_id[row.run_id]
+        want = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}[row.status]
+        assert run.info.status == want and run.data.tags["pipeline.trial_status"] == row.status
+        assert run.data.params["sweep.variant"] == str(row.config["variant"])
+        assert run.data.params["objective.beta"] == str(row.config["variant"][BETA])
+    for row in stopped + completed:
+        history = client.get_metric_history(row.run_id, "train/loss")
+        steps = [m.step for m in history]
+        assert steps == sorted(steps) and steps[0] == 2
+        if row.status == "completed":
+            assert max(steps) == 12
+    for row in stopped:
+        # ASHA stopped it on a report before the last step (row.step). The stop reaches the Train workers
+        # asynchronously, so their MLflow history may run a few steps past it; the trial is never evaluated.
+        assert "eval/recon_mse" not in by_id[row.run_id].data.metrics
+    # the best completed trial, computed from the server's runs, is the registered candidate
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    best = min(finished, key=lambda r: r.data.metrics["eval/recon_mse"])
+    cand = tracking.resolve("models:/tiny-ae@candidate")
+    assert result.candidate == cand.uri and cand.run_id == best.info.run_id
+    assert math.isclose(result.best.metric_value, best.data.metrics["eval/recon_mse"])
+    assert cand.tags["pipeline.sweep_run_id"] == result.sweep_run_id
+    assert cand.tags["pipeline.trial_id"] == best.data.tags["pipeline.trial_id"]
+    assert cand.tags["pipeline.spec_sha256"] and cand.tags["pipeline.data_manifest_sha256"]
+    assert tracking.find_alias("tiny-ae", "champion") is None  # a sweep proposes; promotion decides
+    assert "sweep_summary.md" in {a.path for a in client.list_artifacts(result.sweep_run_id)}
+    assert sweep_run.data.metrics["sweep/trials_failed"] == 1.0
 
-        # resumed: same sweep run, same candidate, no new version
-        assert again.restored and again.sweep_run_id == result.sweep_run_id
-        assert again.candidate == result.candidate
-        assert len(client.search_model_versions("name = 'tiny-ae'")) == 1
+    # resumed: same sweep run, same candidate, no new version
+    assert again.restored and again.sweep_run_id == result.sweep_run_id
+    assert again.candidate == result.candidate
+    assert len(client.search_model_versions("name = 'tiny-ae'")) == 1
