@@ -5,23 +5,15 @@ from __future__ import annotations
 import pytest
 
 from tests.reliability.helpers import run_job, run_pipeline
+from tests.spine.baselines import mean_image_fid
 
-TINY = [
-    "eval.num_samples=40",
-    "stages.autoencoder.train.steps=40", "stages.autoencoder.train.checkpoint_every=20",
-    "stages.autoencoder.register.gate.max=1.0",
-    "stages.classifier.train.steps=40", "stages.classifier.register.gate.min=0.0",
-    "stages.diffusion.train.steps=30", "stages.diffusion.train.checkpoint_every=30",
-    "stages.diffusion.train.log_every=10",
-    "stages.diffusion.sampling.steps=4", "stages.diffusion.register.gate.min=0.0",
-    "stages.distill.teacher_steps=4", "stages.distill.halvings=1", "stages.distill.train.steps=10",
-    "stages.distill.register.gate.min=0.0",
-]
-
-
+# The shipped budgets and gates of jobs/ldm.yaml (recon MSE <= 0.05 where the mean image scores 0.18, classifier
+# accuracy >= 0.9, teacher class accuracy >= 0.5, distilled 4-step class accuracy >= 0.7; chance is 0.1);
+# only the number of evaluation samples is smaller.
+OVERRIDES = ["eval.num_samples=200"]
 @pytest.mark.slow
 def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
-    first = run_job(tmp_path, "ldm.yaml", TINY, timeout=900)
+    first = run_job(tmp_path, "ldm.yaml", OVERRIDES, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Registered models (alias champion)" in first.stdout
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
@@ -55,15 +47,24 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert "train/loss" in diffusion_run.data.metrics
     history = client.get_metric_history(diffusion_run.info.run_id, "train/loss")
     assert len(history) >= 2 and sorted(m.step for m in history) == [m.step for m in history]
-    assert diffusion_run.data.params["train.steps"] == "30"
+    assert diffusion_run.data.params["train.steps"] == "800"
     artifacts = {a.path for a in client.list_artifacts(diffusion_run.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
     assert {"eval/class_accuracy", "eval/fid", "eval/kid"} <= set(diffusion_run.data.metrics)
     distill_run = next(r for r in children if r.data.tags["pipeline.stage"] == "distill")
-    assert {"eval/teacher_4steps_class_accuracy", "eval/student_2steps_class_accuracy"} <= set(
-        distill_run.data.metrics)
+    dm, tm = distill_run.data.metrics, diffusion_run.data.metrics
+    print({k: round(v, 4) for k, v in sorted({**{"teacher:" + k: v for k, v in tm.items()}, **dm}.items())
+           if "eval/" in k})
+    assert {"eval/teacher_16steps_class_accuracy", "eval/student_8steps_class_accuracy"} <= set(dm)
+    # the registered distilled model samples in 4 steps, at the accuracy the issue asks of it (chance: 0.1)
+    assert dm["eval/class_accuracy"] == dm["eval/student_4steps_class_accuracy"] >= 0.7, dm
+    assert tm["eval/class_accuracy"] >= 0.5, tm  # the teacher passed its shipped gate (5x chance)
+    # FID under the job's classifier: under 2% of a generator collapsed onto the mean held-out image
+    # (measured: 0.099 against 45.9)
+    baseline = mean_image_fid(tmp_path / "data" / "digits", "models:/ldm-classifier@champion")
+    assert dm["eval/fid"] < 0.02 * baseline and tm["eval/fid"] < 0.02 * baseline, (baseline, dm, tm)
 
-    second = run_job(tmp_path, "ldm.yaml", TINY, timeout=900)
+    second = run_job(tmp_path, "ldm.yaml", OVERRIDES, timeout=2400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in ("autoencoder", "classifier", "diffusion", "distill"):
         assert f"[{stage}] skipped" in second.stdout

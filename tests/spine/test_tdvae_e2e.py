@@ -8,9 +8,12 @@ import pytest
 
 from tests.reliability.helpers import run_job
 
-TINY = ["stages.tdvae.train.steps=20", "stages.tdvae.train.checkpoint_every=10", "stages.tdvae.train.log_every=10",
-        "stages.tdvae.scale.workers=1", "stages.tdvae.model.args.hidden=32", "stages.tdvae.model.args.belief_dim=16",
-        "stages.tdvae.objective.eval_samples=2", "stages.tdvae.register.gate.max=4.0"]
+# Shrunk from 3000 steps; the gate stays a real bar: held-out 1-step-ahead prediction MSE below 0.24, where
+# repeating the last observed frame scores ~0.28 and the mean held-out frame ~0.19 (jobs/tdvae.yaml).
+TINY = ["stages.tdvae.train.steps=300", "stages.tdvae.train.checkpoint_every=150", "stages.tdvae.train.log_every=50",
+        "stages.tdvae.scale.workers=1", "stages.tdvae.objective.eval_samples=4",
+        "stages.tdvae.register.gate.max=0.24"]
+GATE = 0.24
 
 
 @pytest.mark.slow
@@ -30,8 +33,13 @@ def test_tdvae_job_end_to_end(tmp_path: Path) -> None:
     mv = client.get_model_version_by_alias("tdvae-moving-digits", "champion")
     run = client.get_run(mv.run_id)
     m = run.data.metrics
+    print({k: round(v, 4) for k, v in sorted(m.items()) if k.startswith("eval/")})
+    assert m["eval/pred_mse_k1"] <= GATE  # promoted, so it passed its gate
+    # jumpy prediction beats repeating the last observed frame at every horizon, and on average by a margin
+    # (measured: k=1 0.184 against 0.282; mean over k 0.201 against 0.365)
     for k in range(1, 6):
-        assert 0 <= m[f"eval/pred_mse_k{k}"] <= 4 and 0 < m[f"eval/repeat_last_mse_k{k}"] <= 4
+        assert m[f"eval/pred_mse_k{k}"] < m[f"eval/repeat_last_mse_k{k}"], (k, m)
+    assert m["eval/pred_mse"] < 0.85 * m["eval/repeat_last_mse"], m
     assert m["eval/context_frames"] == 7 and "train/loss" in m
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/rollouts.png", "samples/filter_reconstructions.png"} <= artifacts

@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.helpers import run_job, run_pipeline
+from tests.spine.baselines import CHANCE, mean_image_fid
 
+# Shrunk budgets under the shipped gates (chance accuracy is 0.1): classifier held-out accuracy >= 0.9, CLIP
+# zero-shot accuracy >= 0.7, the prior's sampled embeddings' zero-shot accuracy >= 0.5, decoder text → image class
+# accuracy >= 0.5. Measured at these budgets: 0.974, 0.993, 1.0, 0.91.
 TINY = [
-    "eval.num_samples=20",
-    "stages.classifier.train.steps=20", "stages.classifier.train.checkpoint_every=20",
-    "stages.classifier.register.gate.min=0.0",
-    "stages.clip.train.steps=20", "stages.clip.train.checkpoint_every=20", "stages.clip.register.gate.min=0.0",
-    "stages.prior.train.steps=20", "stages.prior.train.checkpoint_every=20", "stages.prior.sampling.steps=3",
-    "stages.prior.register.gate.min=0.0",
-    "stages.decoder.train.steps=10", "stages.decoder.train.checkpoint_every=10", "stages.decoder.train.batch_size=32",
-    "stages.decoder.sampling.steps=2", "stages.decoder.register.gate.min=0.0",
+    "eval.num_samples=100",
+    "stages.classifier.train.steps=80", "stages.classifier.train.checkpoint_every=80",
+    "stages.clip.train.steps=150", "stages.clip.train.checkpoint_every=150",
+    "stages.prior.train.steps=200", "stages.prior.train.checkpoint_every=200", "stages.prior.sampling.steps=8",
+    "stages.decoder.train.steps=150", "stages.decoder.train.checkpoint_every=150", "stages.decoder.train.batch_size=32",
+    "stages.decoder.sampling.steps=8",
 ]
 NAMES = {"classifier": "unclip-classifier", "clip": "unclip-clip", "prior": "unclip-prior", "decoder": "unclip-decoder"}
 
@@ -46,14 +48,25 @@ def test_unclip_job_registers_every_stage_and_samples_text_to_image(tmp_path):
     assert versions["decoder"].tags["pipeline.input.prior"] == f"models:/unclip-prior/{versions['prior'].version}"
 
     clip_metrics = client.get_run(versions["clip"].run_id).data.metrics
-    assert 0.0 <= clip_metrics["eval/zero_shot_accuracy"] <= 1.0 and "train/loss" in clip_metrics
     prior_metrics = client.get_run(versions["prior"].run_id).data.metrics
-    assert -1.0 <= prior_metrics["eval/cosine_to_true"] <= 1.0 and "eval/unguided_zero_shot_accuracy" in prior_metrics
     decoder_run = versions["decoder"].run_id
     metrics = client.get_run(decoder_run).data.metrics
+    print({k: round(v, 4) for k, v in sorted({**{"clip:" + k: v for k, v in clip_metrics.items()},
+                                              **{"prior:" + k: v for k, v in prior_metrics.items()},
+                                              **metrics}.items()) if "eval/" in k})
+    assert clip_metrics["eval/zero_shot_accuracy"] >= 7 * CHANCE and "train/loss" in clip_metrics
+    # the prior earns its place: its sampled image embeddings are closer to the true ones than the text embedding
+    # (measured: cosine 0.981 against 0.849)
+    assert prior_metrics["eval/cosine_to_true"] > prior_metrics["eval/text_cosine_baseline"] + 0.05, prior_metrics
+    assert prior_metrics["eval/zero_shot_accuracy"] >= 5 * CHANCE, prior_metrics
+    assert "eval/unguided_zero_shot_accuracy" in prior_metrics
     for key in ("eval/class_accuracy", "eval/unguided_class_accuracy", "eval/reconstruction_class_accuracy",
                 "eval/fid", "eval/clip_similarity"):
         assert key in metrics, key
+    assert metrics["eval/class_accuracy"] >= 5 * CHANCE, metrics  # text → prior → decoder reads the caption
+    # FID under 10% of a generator collapsed onto the mean held-out image (measured: 0.656 against 37.6)
+    baseline = mean_image_fid(tmp_path / "data" / "digits16", "models:/unclip-classifier@champion")
+    assert metrics["eval/fid"] < 0.1 * baseline, (baseline, metrics)
     artifacts = {a.path for a in client.list_artifacts(decoder_run, "samples")}
     assert {"samples/grid.png", "samples/grid_captions.txt", "samples/variations_grid.png"} <= artifacts
     grid = Path(client.download_artifacts(decoder_run, "samples/grid.png", str(tmp_path)))
@@ -63,7 +76,7 @@ def test_unclip_job_registers_every_stage_and_samples_text_to_image(tmp_path):
 
     # the registered models sample text → image on their own (the decoder records its CLIP and prior)
     decoder, meta = load_exported(tracking.download(tracking.resolve("models:/unclip-decoder@champion")))
-    assert meta["extra"]["prior_sampling"]["steps"] == 3  # the prior stage's sampling settings travel along
+    assert meta["extra"]["prior_sampling"]["steps"] == 8  # the prior stage's sampling settings travel along
     clip, _ = load_exported(tracking.download(tracking.resolve(meta["extra"]["clip"])))
     prior, prior_meta = load_exported(tracking.download(tracking.resolve(meta["extra"]["prior"])))
     x, emb = text_to_image(clip, prior, prior_meta, decoder, meta, ["a handwritten digit seven", "a handwritten two"],

@@ -12,15 +12,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Shrunk budgets; every gate is still a real bar: autoencoder: the shipped eval/vq_check < 1 (recon MSE below the
+# mean image's, both perplexities above 8); classifier: held-out accuracy >= 0.8 (chance: 0.1); prior: held-out
+# bits per code <= 4.0, where the unigram code frequencies score ~5.1 (BENCHMARKS.md).
 TINY = [
-    "eval.num_samples=20",
-    "stages.autoencoder.train.steps=30", "stages.autoencoder.train.checkpoint_every=30",
-    "stages.autoencoder.train.log_every=10", "stages.autoencoder.register.gate.max=100.0",
-    "stages.autoencoder.model.args.base_channels=16",
-    "stages.classifier.train.steps=20", "stages.classifier.register.gate.min=0.0",
-    "stages.prior.train.steps=20", "stages.prior.train.checkpoint_every=20", "stages.prior.train.log_every=10",
-    "stages.prior.model.args={channels: 16, num_layers: 3, kernel_size: 3}",
-    "stages.prior.sampling.num_samples=20", "stages.prior.register.gate.min=0.0",
+    "eval.num_samples=100",
+    "stages.autoencoder.train.steps=200", "stages.autoencoder.train.checkpoint_every=100",
+    "stages.autoencoder.train.log_every=50",
+    "stages.classifier.train.steps=100", "stages.classifier.train.checkpoint_every=100",
+    "stages.classifier.register.gate.min=0.8",
+    "stages.prior.train.checkpoint_every=250", "stages.prior.sampling.num_samples=100",
+    "stages.prior.register.gate={metric: eval/bits_per_code, max: 4.0}",
 ]
 
 
@@ -51,11 +53,19 @@ def test_vqvae2_job_registers_autoencoder_and_prior_with_sample_grid(tmp_path):
     for key in ("eval/recon_mse", "eval/mean_image_mse", "eval/perplexity_top", "eval/perplexity_bottom",
                 "eval/code_usage", "eval/vq_check"):
         assert key in ae_run.data.metrics, key
-    assert 1.0 <= ae_run.data.metrics["eval/perplexity_bottom"] <= 64
+    am, pm = ae_run.data.metrics, prior_run.data.metrics
+    print({k: round(v, 4) for k, v in sorted({**am, **pm}.items()) if k.startswith("eval/")})
+    assert am["eval/recon_mse"] < 0.1 * am["eval/mean_image_mse"], am  # measured: 0.0038 against 0.178
+    # both codebooks in use: perplexity above the objective's floor of 8 (1 = codebook collapse; measured 10.8, 49.5)
+    assert am["eval/perplexity_top"] > 8 and am["eval/perplexity_bottom"] > 8, am
     for key in ("eval/bits_per_code", "eval/bits_per_code_top", "eval/bits_per_code_bottom",
                 "eval/bits_per_code_unigram", "eval/class_accuracy", "eval/fid", "train/bits_per_code"):
         assert key in prior_run.data.metrics, key
-    assert 0 < prior_run.data.metrics["eval/bits_per_code"] < 7  # below log2(64) + slack: it learnt something
+    # the PixelCNN beats the unigram code distribution (what a prior ignoring context and class scores) by over a
+    # bit per code (measured: 2.85 against 5.20), and its class-conditional samples show their class (measured 0.88;
+    # chance 0.1, the shipped gate 0.5)
+    assert 0 < pm["eval/bits_per_code"] < pm["eval/bits_per_code_unigram"] - 1.0, pm
+    assert pm["eval/class_accuracy"] >= 0.5, pm
     assert {a.path for a in client.list_artifacts(ae_run.info.run_id, "samples")} == {
         "samples/reconstructions.png"}
     assert "samples/grid.png" in {a.path for a in client.list_artifacts(prior_run.info.run_id, "samples")}
