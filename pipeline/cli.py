@@ -45,7 +45,6 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return user_error_root(exc, _user_errors())
 
 
-#: what Ray Data appends to the message of an exception raised in a map task (not the user's business)
 class UsageError(SystemExit):
     """Bad command-line input: `main` prints ``error: <message>`` as the last stderr line and exits 2.
 

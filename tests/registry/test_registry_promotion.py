@@ -177,51 +177,50 @@ def _teacher(tmp_path: Path, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_downstream_stage_uses_promoted_champion_on_postgres_server(tmp_path, monkeypatch):
+def test_downstream_stage_uses_promoted_champion_on_postgres_server(tmp_path, monkeypatch, shared_mlflow_server):
     import ray
     from mlflow.tracking import MlflowClient
 
     import mlflow
     from pipeline import stages
     from pipeline.config import parse_spec
-    from tests.servers import mlflow_server
 
     monkeypatch.chdir(tmp_path)
-    with mlflow_server(tmp_path / "srv", backend="postgres") as srv:
-        for k, v in srv.env.items():
-            monkeypatch.setenv(k, v)
-        tracking.connect(srv.uri)
-        mlflow.set_tracking_uri(srv.uri)
-        v1 = _version("promo-ddpm", 0.50, _teacher(tmp_path, 1))
-        tracking.set_alias("promo-ddpm", "champion", v1.version)
-        worse = _version("promo-ddpm", 0.40, _teacher(tmp_path, 2))
-        tracking.set_alias("promo-ddpm", "candidate", worse.version)
-        assert not tracking.promote("promo-ddpm", to="champion").promoted
-        better = _version("promo-ddpm", 0.60, _teacher(tmp_path, 3))
-        tracking.set_alias("promo-ddpm", "candidate", better.version)
-        assert tracking.promote("promo-ddpm", to="champion").promoted
+    srv = shared_mlflow_server  # PostgreSQL-backed, basic auth; shared with the other tests that need a server
+    for k, v in srv.env.items():
+        monkeypatch.setenv(k, v)
+    tracking.connect(srv.uri)
+    mlflow.set_tracking_uri(srv.uri)
+    v1 = _version("promo-ddpm", 0.50, _teacher(tmp_path, 1))
+    tracking.set_alias("promo-ddpm", "champion", v1.version)
+    worse = _version("promo-ddpm", 0.40, _teacher(tmp_path, 2))
+    tracking.set_alias("promo-ddpm", "candidate", worse.version)
+    assert not tracking.promote("promo-ddpm", to="champion").promoted
+    better = _version("promo-ddpm", 0.60, _teacher(tmp_path, 3))
+    tracking.set_alias("promo-ddpm", "candidate", better.version)
+    assert tracking.promote("promo-ddpm", to="champion").promoted
 
-        spec = parse_spec(JOB)
-        data_dir = stages.ensure_data(spec)
-        stages.init_ray(spec)
-        try:
-            client = MlflowClient()
-            exp = mlflow.set_experiment("promo")
-            parent = client.create_run(exp.experiment_id, run_name="promo").info.run_id
-            job_file = tmp_path / "promo.yaml"
-            job_file.write_text(yaml.safe_dump(JOB))
-            ctx = stages.JobContext(spec=spec, spec_path=job_file, uri=srv.uri,
-                                    experiment_id=exp.experiment_id, parent_run_id=parent,
-                                    storage=str(tmp_path / "ray"), data_dir=data_dir)
-            outcome = stages.run_stage(ctx, "distill")
-        finally:
-            ray.shutdown()
-        assert outcome.status == "trained"
-        made = tracking.resolve(f"models:/promo-distilled/{outcome.version}")
-        assert made.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
-        run = client.get_run(made.run_id)
-        assert run.data.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
-        assert run.data.metrics["train/loss"] > 0
-        chain = tracking.lineage("models:/promo-distilled@champion")
-        assert [n.ref.uri for n in chain.inputs] == [f"models:/promo-ddpm/{better.version}"]
-        assert os.environ["MLFLOW_TRACKING_PASSWORD"] not in str(client.get_run(made.run_id).data.params)
+    spec = parse_spec(JOB)
+    data_dir = stages.ensure_data(spec)
+    stages.init_ray(spec)
+    try:
+        client = MlflowClient()
+        exp = mlflow.set_experiment("promo")
+        parent = client.create_run(exp.experiment_id, run_name="promo").info.run_id
+        job_file = tmp_path / "promo.yaml"
+        job_file.write_text(yaml.safe_dump(JOB))
+        ctx = stages.JobContext(spec=spec, spec_path=job_file, uri=srv.uri,
+                                experiment_id=exp.experiment_id, parent_run_id=parent,
+                                storage=str(tmp_path / "ray"), data_dir=data_dir)
+        outcome = stages.run_stage(ctx, "distill")
+    finally:
+        ray.shutdown()
+    assert outcome.status == "trained"
+    made = tracking.resolve(f"models:/promo-distilled/{outcome.version}")
+    assert made.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
+    run = client.get_run(made.run_id)
+    assert run.data.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
+    assert run.data.metrics["train/loss"] > 0
+    chain = tracking.lineage("models:/promo-distilled@champion")
+    assert [n.ref.uri for n in chain.inputs] == [f"models:/promo-ddpm/{better.version}"]
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] not in str(client.get_run(made.run_id).data.params)
