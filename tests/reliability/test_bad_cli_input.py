@@ -139,17 +139,6 @@ CASES: list[tuple[list[str], str]] = [
 ]
 
 
-@pytest.fixture()
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory, no inherited tracking URI or Ray address."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        monkeypatch.delenv(key, raising=False)
-    return work
-
-
 def exit_of(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str]:
     """Run `pipeline ARGV` in this process: (exit code, stderr), whether `main` returned or raised."""
     capsys.readouterr()

@@ -26,19 +26,6 @@ from tests.reliability.helpers import listing, write_job
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture()
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory and a clean environment (restored afterwards)."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):  # tracking.connect sets these
-        monkeypatch.setenv(key, "2" if key.endswith("TIMEOUT") else "0")
-    return work
-
-
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run the `pipeline` command line in this process; returns (exit code, stderr)."""
     capsys.readouterr()
