@@ -168,7 +168,9 @@ def _two_stage_job(tmp_path: Path, data: Path) -> Path:
 
 def test_killed_driver_rerun_skips_done_stages_and_resumes(tmp_path: Path, digits8: Path) -> None:
     job = _two_stage_job(tmp_path, digits8)
-    env = clean_env(RAY_AUTH_MODE="disabled")
+    # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers ("rank 0 resumed at step 5" and "rank 1 ...")
+    # into the first one to arrive, so rank 0's line would be missing whenever rank 1's came first
+    env = clean_env(RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
     storage = tmp_path / ".pipeline" / "ray"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(pipeline_cmd("run", str(job)), cwd=tmp_path, env=env, stdout=log,
