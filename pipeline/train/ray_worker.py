@@ -272,19 +272,4 @@ def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: s
         dataset_config=DataConfig(datasets_to_split=[] if config.get("data_mode", "memory") == "memory"
                                   else "all"),
     )
-    try:
-        return trainer.fit()
-    except Exception as exc:
-        if not controller_never_ran(exc):
-            raise
-    # Ray 2.60 now and then cancels Train's controller actor before it starts (an ActorDiedError that says "The
-    # actor never ran"): nothing was trained or checkpointed, so the same fit is started once more.
-    log.warning("[%s] Ray Train's controller was cancelled before it started; starting the fit again", run_name)
     return trainer.fit()
-
-
-def controller_never_ran(exc: BaseException) -> bool:
-    """True for Ray's error of an actor cancelled before it ever ran (no work done, safe to start again)."""
-    from ray.exceptions import ActorDiedError
-
-    return isinstance(exc, ActorDiedError) and "never ran" in str(exc)

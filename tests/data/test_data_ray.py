@@ -14,6 +14,7 @@ import pytest
 from pipeline.data import DataError, iterate_batches, read_manifest
 from pipeline.data.local import iter_tar_samples
 from tests.data.datatest_helpers import MakesDir, refresh_manifest, write_raw_tar
+from tests.reliability.helpers import ray_auth_disabled
 
 ray = pytest.importorskip("ray")
 
@@ -30,7 +31,7 @@ def ray_local() -> Iterator[None]:
     restored afterwards, so later tests see the environment they started with.
     """
     saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray_auth_disabled()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

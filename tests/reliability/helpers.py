@@ -42,6 +42,21 @@ def write_job(path: Path, data_dir: Path, **stage_overrides) -> Path:
     return path
 
 
+def ray_auth_disabled() -> None:
+    """Make the next in-process `ray.init` run without token auth, in Ray's cached state as well as in os.environ.
+
+    Ray 2.60 caches the auth mode per process (RayConfig, the token loader). A driver still in token mode from an
+    earlier in-process cluster rejects its own raylet's calls ("Missing authorization header"); the raylet takes
+    the driver for dead and Train's controller is cancelled before it runs ("The actor never ran").
+    """
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        from ray._private.authentication_test_utils import reset_auth_token_state
+    except ImportError:  # a Ray without the helper: nothing cached to reset
+        return
+    reset_auth_token_state()
+
+
 def corrupt_member(tar_path: Path, suffix: str = ".png", index: int = 0) -> str:
     """Overwrite the bytes of the `index`-th member ending in `suffix` with zeros (same size, so the
     manifest's byte count still matches); returns the member's name."""

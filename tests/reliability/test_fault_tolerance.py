@@ -27,7 +27,14 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_spec
 from pipeline.data.shards import read_manifest
-from tests.reliability.helpers import clean_env, corrupt_member, pipeline_cmd, run_pipeline, write_job
+from tests.reliability.helpers import (
+    clean_env,
+    corrupt_member,
+    pipeline_cmd,
+    ray_auth_disabled,
+    run_pipeline,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +45,7 @@ def ray_local() -> Iterator[None]:
     import ray
 
     saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray_auth_disabled()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
     ray.data.DataContext.get_current().enable_progress_bars = False

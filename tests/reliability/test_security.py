@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import SpecError, load_spec
-from tests.reliability.helpers import write_job
+from tests.reliability.helpers import ray_auth_disabled, write_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +99,7 @@ def test_in_process_ray_starts_no_dashboard_or_job_api(tmp_path: Path, digits8: 
     from pipeline.stages import init_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # nothing written to ~/.ray by this test
+    ray_auth_disabled()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     spec = load_spec(write_job(tmp_path / "job.yaml", digits8), ["ray.num_cpus=2"])
     before = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
