@@ -184,7 +184,9 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address, log_to_driver=True)
     else:  # in-process: no dashboard / job API at all
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env}, logging_config=ray.LoggingConfig(log_level="WARNING"))
+                 runtime_env={"env_vars": env,
+                              "worker_process_setup_hook": "pipeline.train.ray_logging.quiet_worker_logs"},
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -275,13 +277,19 @@ def _log_png(run_id: str, png: bytes, path: str) -> None:
         MlflowClient().log_artifact(run_id, str(p), str(Path(path).parent) if "/" in path else None)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
-    """Log a stage's evaluation metrics to its MLflow run."""
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a stage's evaluation metrics to its MLflow run, at `step` (the stage's last training step)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
+        client.log_metric(run_id, k, float(v), step=step)
+
+
+def last_step(stage: Any) -> int:
+    """The last training step of a stage's curves in its run (a distillation's halvings follow each other)."""
+    train = getattr(stage, "train", None)
+    return train.steps * getattr(stage, "halvings", 1) if train is not None else 0
 
 
 def run_autoencoder(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
@@ -332,10 +340,9 @@ class _Encoder:
 
 
 def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef]) -> StageOutcome:
-    """Encode every split with the registered autoencoder (Ray Data batch inference), once per version."""
-    from pipeline.data import write_array_shards, write_manifest
-    from pipeline.data.ray_data import ray_dataset
-    from pipeline.data.shards import Manifest
+    """Encode every split with the registered autoencoder (Ray Data batch inference), once per version, in a
+    child run of its own (params, the input version, sample counts and the latent scale)."""
+    from mlflow.tracking import MlflowClient
 
     (ae_stage, ref), = inputs.items()
     out = Path(LATENT_ROOT) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
@@ -343,6 +350,28 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
     if (out / "manifest.json").is_file():
         log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version, out)
         return StageOutcome(name, "cached")
+    client = MlflowClient()
+    stage = ctx.spec.stages[name]
+    run_id = client.create_run(ctx.experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": ctx.parent_run_id, "pipeline.stage": name, f"pipeline.input.{ae_stage}": ref.uri,
+        "pipeline.latents": str(out)}).info.run_id
+    status = "FAILED"
+    try:
+        tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
+        outcome = _encode(ctx, name, ref, out)
+        log_metrics(run_id, outcome.metrics)
+        status = "FINISHED"
+        return outcome
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def _encode(ctx: JobContext, name: str, ref: tracking.ModelRef, out: Path) -> StageOutcome:
+    """Write the latent shards of every split to `out` (through a temporary directory)."""
+    from pipeline.data import write_array_shards, write_manifest
+    from pipeline.data.ray_data import ray_dataset
+    from pipeline.data.shards import Manifest
+
     model_dir = tracking.download(ref)
     stage = ctx.spec.stages[name]
     manifest = read_manifest(ctx.data_dir)
@@ -383,7 +412,8 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
         shutil.rmtree(out)
     os.replace(tmp_out, out)
     log.info("[%s] wrote latents of %s v%s to %s (scale %.4f)", name, ref.name, ref.version, out, scale)
-    return StageOutcome(name, "encoded", metrics={"latent_scale": scale})
+    return StageOutcome(name, "encoded", metrics={"latent_scale": scale, **{
+        f"encode/{split}_samples": float(info["num_samples"]) for split, info in splits.items()}})
 
 
 def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, guidance: float,
@@ -507,7 +537,8 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
         log.info("[%s] halving %d/%d: %d → %d steps", name, h + 1, stage.halvings, len(timesteps),
                  len(timesteps) // 2)
         teacher_dir = _fit(ctx, name, key, run_id, pixel_dataset(ctx, teacher_data_dir),
-                           {"inputs": {"teacher": teacher_input}, "teacher_timesteps": timesteps},
+                           {"inputs": {"teacher": teacher_input}, "teacher_timesteps": timesteps,
+                            "step_offset": h * stage.train.steps},
                            suffix=f"-h{h + 1}")
         timesteps = sorted(timesteps)[1::2]
         teacher_input = {"checkpoint": ctx.last_checkpoint}
@@ -541,6 +572,16 @@ RUNNERS.update(superres=run_superres, controlnet=run_controlnet, consistency=run
 from pipeline.stages.unclip import unclip_runners  # noqa: E402
 
 RUNNERS.update(unclip_runners())  # clip, clip_prior, unclip_decoder (notes 2.6.2, eq. 49)
+
+#: What a registered version of each stage kind is (its description in the registry), and whether
+#: `pipeline sample` draws from it.
+WHAT = {"autoencoder": ("an autoencoder-family model", False), "classifier": ("an image classifier", False),
+        "diffusion": ("a diffusion model", True), "distill": ("a progressively distilled diffusion student", True),
+        "superres": ("a stage of a diffusion cascade", True),
+        "controlnet": ("a ControlNet over a diffusion model", True),
+        "consistency": ("a consistency model", True), "prior": ("a PixelCNN prior over VQ codes", False),
+        "clip": ("a CLIP image and text encoder pair", False), "clip_prior": ("an unCLIP prior", False),
+        "unclip_decoder": ("an unCLIP decoder", True)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -617,7 +658,22 @@ def _stage_user_error(ctx: JobContext, name: str, exc: Exception) -> Exception:
         return ClusterError(f"stage '{name}': {msg}")
 
 
-def promote_stage(ctx: JobContext, name: str, ref: tracking.ModelRef) -> bool:
+def _describe(ctx: JobContext, name: str, ref: tracking.ModelRef, inputs: dict[str, tracking.ModelRef],
+              promotion: tracking.Promotion) -> None:
+    """Write the registry descriptions of the stage's new version and of its registered model."""
+    what, sampled = WHAT.get(ctx.spec.stages[name].kind, ("a model", False))
+    classifier = ctx.spec.eval.classifier
+    evaluator = ctx.refs.get(classifier) if sampled and classifier else None  # class accuracy, FID, KID
+    text = tracking.describe_version(ref, what=what, job=ctx.spec.name, stage=name, inputs=inputs,
+                                     promotion=promotion, evaluator=evaluator, sampled=sampled)
+    model_text = (f"{what[0].upper()}{what[1:]} trained by stage `{name}` of job `{ctx.spec.name}`; `champion` is "
+                  "the latest version that passed its gate without regressing.")
+    tracking.set_descriptions(ref, text, "\n\n".join([model_text, "\n".join(
+        tracking.usage(f"models:/{ref.name}@champion", sampled))]))
+
+
+def promote_stage(ctx: JobContext, name: str, ref: tracking.ModelRef,
+                  inputs: dict[str, tracking.ModelRef]) -> tracking.Promotion:
     """Move `champion` to the stage's new version `ref` by the rule of `pipeline promote` (`tracking.judge`).
 
     The version must pass the stage's gate and not be worse than the current champion on the gate
@@ -627,18 +683,19 @@ def promote_stage(ctx: JobContext, name: str, ref: tracking.ModelRef) -> bool:
     g = ctx.spec.stages[name].registry.gate
     r = tracking.promote(ref.name, "champion", ref.version, force=ctx.force_promote,
                          gate=tracking.Gate.from_bounds(g.metric, g.min, g.max))
+    _describe(ctx, name, ref, inputs, r)
     if r.promoted:
         ctx.refs[name] = ref
         if r.forced:
             log.warning("[%s] %s v%s → champion: %s", name, ref.name, ref.version, r.reason)
-        return True
+        return r
     if r.previous is None:
         raise RuntimeError(f"stage {name}: {ref.name} v{ref.version} failed its gate ({r.reason}) and there is "
                            "no earlier champion for the next stages to use")
     log.warning("[%s] %s v%s not promoted: %s; champion stays v%s", name, ref.name, ref.version, r.reason,
                 r.previous.version)
     ctx.refs[name] = r.previous
-    return False
+    return r
 
 
 def run_stage(ctx: JobContext, name: str) -> StageOutcome:
@@ -677,14 +734,14 @@ def run_stage(ctx: JobContext, name: str) -> StageOutcome:
             export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
         except Exception as exc:
             raise _stage_user_error(ctx, name, exc) from None
-        log_metrics(run_id, metrics)
+        log_metrics(run_id, metrics, step=last_step(stage))
         tags = {"pipeline.stage_key": key, "pipeline.spec_sha256": spec.stage_hash(name),
                 "pipeline.data_manifest_sha256": manifest_sha256(ctx.data_dir),
                 "pipeline.code_version": tracking.code_version(), "pipeline.job": spec.name,
                 **{f"pipeline.input.{k}": v.uri for k, v in inputs.items()}}
         ref = tracking.register(stage.registry.name, run_id, export, tags)
         tracking.set_alias(ref.name, "candidate", ref.version)
-        promoted = promote_stage(ctx, name, ref)
+        promoted = promote_stage(ctx, name, ref, inputs).promoted
         status = "FINISHED"
         shown = {k: round(v, 4) for k, v in metrics.items()}
         log.info("[%s] registered %s v%s%s  %s", name, ref.name, ref.version,

@@ -280,6 +280,7 @@ class Promotion:
     metric: str | None = None
     candidate_value: float | None = None
     previous_value: float | None = None
+    gate: Gate | None = None
 
 
 def promote(name: str, to: str = "champion", from_: str = "candidate", *, force: bool = False,
@@ -298,7 +299,7 @@ def promote(name: str, to: str = "champion", from_: str = "candidate", *, force:
     metric = gate.metric if gate else None
     cv = run_metric(cand, metric) if metric else None
     pv = run_metric(prev, metric) if (metric and prev) else None
-    result = Promotion(name, to, cand, prev, False, False, "", metric, cv, pv)
+    result = Promotion(name, to, cand, prev, False, False, "", metric, cv, pv, gate)
     if prev is not None and prev.version == cand.version:
         result.reason = f"v{cand.version} already holds @{to}"
         return result
@@ -312,6 +313,52 @@ def promote(name: str, to: str = "champion", from_: str = "candidate", *, force:
             client.set_model_version_tag(name, cand.version, k, v)
         set_alias(name, to, cand.version)
     return result
+
+
+def _link(ref: ModelRef) -> str:
+    """A Markdown link to the version's page in the MLflow UI."""
+    return f"[{ref.name} v{ref.version}](#/models/{ref.name}/versions/{ref.version})"
+
+
+def _bounds(gate: Gate) -> str:
+    parts = [f"≥ {gate.min:g}"] if gate.min is not None else []
+    parts += [f"≤ {gate.max:g}"] if gate.max is not None else []
+    return " and ".join(parts) or "(no bounds)"
+
+
+def describe_version(ref: ModelRef, *, what: str, job: str, stage: str, inputs: dict[str, ModelRef],
+                     promotion: Promotion, evaluator: ModelRef | None, sampled: bool) -> str:
+    """The Markdown description of a registered version: what it is, where it came from, how it was judged
+    (the gate's metric, bounds and this version's value) and how to use it."""
+    lines = [f"**{ref.name} v{ref.version}**: {what}, trained by stage `{stage}` of job `{job}`.", ""]
+    if inputs:
+        lines.append("- Inputs: " + ", ".join(f"{role} = {_link(r)}" for role, r in sorted(inputs.items())))
+    if promotion.gate is not None:
+        value = "none" if promotion.candidate_value is None else f"{promotion.candidate_value:.6g}"
+        outcome = "promoted to champion" if promotion.promoted else f"not promoted: {promotion.reason}"
+        lines.append(f"- Gate: `{promotion.gate.metric}` {_bounds(promotion.gate)}; this version: {value} ({outcome})")
+    if evaluator is not None:
+        lines.append(f"- Class accuracy, FID and KID computed with the classifier {_link(evaluator)}")
+    lines += ["", *usage(f"models:/{ref.name}/{ref.version}", sampled)]
+    return "\n".join(lines)
+
+
+def usage(uri: str, sampled: bool) -> list[str]:
+    """"How to use" lines (Markdown) for the registered model at `uri`."""
+    lines = ["How to use:", "", f"    pipeline lineage {uri}"]
+    if sampled:
+        lines.append(f"    pipeline sample {uri} --out grid.png")
+    return [*lines, "    # in Python (pipeline.tracking: download, resolve; pipeline.train.export: load_exported)",
+            f'    model, meta = load_exported(download(resolve("{uri}")))']
+
+
+def set_descriptions(ref: ModelRef, version_text: str, model_text: str) -> None:
+    """Write the version's description, and the registered model's (what it is, how to use its champion)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.update_model_version(ref.name, ref.version, description=version_text)
+    client.update_registered_model(ref.name, description=model_text)
 
 
 @dataclass

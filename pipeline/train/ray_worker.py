@@ -102,7 +102,9 @@ def build_task(config: dict[str, Any]):
     raise ValueError(f"no training task for stage kind '{kind}'")
 
 
-def _metric_logger(tracking_uri: str | None, run_id: str | None):
+def _metric_logger(tracking_uri: str | None, run_id: str | None, step_offset: int = 0):
+    """Log a worker's training metrics to the stage's run, `step_offset` added to each step (a distillation
+    halving continues its run's curves after the previous halving's steps instead of restarting at 1)."""
     if not run_id:
         return None
     from mlflow.entities import Metric
@@ -112,7 +114,7 @@ def _metric_logger(tracking_uri: str | None, run_id: str | None):
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step + step_offset) for k, v in metrics.items()])
 
     return log_metrics
 
@@ -217,7 +219,8 @@ def worker_main(config: dict[str, Any]) -> None:
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report,
-                        log_metrics=_metric_logger(config.get("tracking_uri"), config.get("run_id")))
+                        log_metrics=_metric_logger(config.get("tracking_uri"), config.get("run_id"),
+                                                   config.get("step_offset", 0)))
     if config.get("data_mode", "memory") == "memory":
         ctx.samples = lambda: load_samples(shard, ctx, config.get("expected_samples"))
     checkpoint = rt.get_checkpoint()

@@ -75,7 +75,12 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     metrics = client.get_run(cd.run_id).data.metrics
     teacher = client.get_model_version_by_alias("distill-teacher", "champion")
     tm = client.get_run(teacher.run_id).data.metrics
-    student = client.get_run(client.get_model_version_by_alias("distill-progressive", "champion").run_id).data.metrics
+    student_run = client.get_model_version_by_alias("distill-progressive", "champion").run_id
+    student = client.get_run(student_run).data.metrics
+    # the two halvings' curves follow each other (30 steps each) and the evaluation sits at the last step
+    steps = [m.step for m in client.get_metric_history(student_run, "train/loss")]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] == 60 and steps[0] <= 30, steps
+    assert [m.step for m in client.get_metric_history(student_run, "eval/class_accuracy")] == [60]
     print({k: round(v, 4) for k, v in sorted({**{"teacher:" + k: v for k, v in tm.items()},
                                               **{"student:" + k: v for k, v in student.items()},
                                               **{"cd:" + k: v for k, v in metrics.items()}}.items()) if "eval/" in k})
