@@ -59,6 +59,7 @@ class JobContext:
     outcomes: list[StageOutcome] = field(default_factory=list)
     last_checkpoint: Any = None  # Ray Train checkpoint of the latest fit (in the run's storage)
     force_promote: bool = False  # `pipeline run --force-promote`: a worse version inside its bounds takes champion
+    source: dict[str, str] = field(default_factory=dict)  # MLflow's source/user/commit tags of every run
 
 
 # ----------------------------------------------------------------------------- setup
@@ -354,10 +355,11 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
     stage = ctx.spec.stages[name]
     run_id = client.create_run(ctx.experiment_id, run_name=name, tags={
         "mlflow.parentRunId": ctx.parent_run_id, "pipeline.stage": name, f"pipeline.input.{ae_stage}": ref.uri,
-        "pipeline.latents": str(out)}).info.run_id
+        "pipeline.latents": str(out), **ctx.source}).info.run_id
     status = "FAILED"
     try:
         tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
+        _log_data(ctx, name, run_id)
         outcome = _encode(ctx, name, ref, out)
         log_metrics(run_id, outcome.metrics)
         status = "FINISHED"
@@ -606,22 +608,58 @@ def run_job(spec: JobSpec, spec_path: str | Path, *, force_promote: bool = False
     experiment = spec.tracking.experiment or spec.name
     exp = mlflow.set_experiment(experiment)
     client = MlflowClient()
+    source = tracking.source_tags(f"pipeline run {spec_path}")
     parent = client.create_run(exp.experiment_id, run_name=f"{spec.name}",
                                tags={"pipeline.job": spec.name, "pipeline.spec_path": str(spec_path),
-                                     "pipeline.code_version": tracking.code_version()})
+                                     "pipeline.code_version": tracking.code_version(), **source})
     ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=exp.experiment_id,
                      parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir,
-                     force_promote=force_promote)
+                     force_promote=force_promote, source=source)
     _log_spec_artifact(parent.info.run_id, Path(spec_path))
     tracking.log_params_flat(parent.info.run_id, redacted_params(spec.model_dump(mode="json")))
     status = "FAILED"
     try:
         for name in spec.stages:
             ctx.outcomes.append(run_stage(ctx, name))
+            _log_headline(ctx, ctx.outcomes[-1])
         status = "FINISHED"
     finally:
         client.set_terminated(parent.info.run_id, status)
     return ctx.outcomes
+
+
+def _log_headline(ctx: JobContext, outcome: StageOutcome) -> None:
+    """A trained stage's gate metric on the job's parent run, as `<stage>/<metric>`."""
+    stage = ctx.spec.stages[outcome.name]
+    metric = stage.registry.gate.metric if hasattr(stage, "registry") else None
+    if outcome.status == "trained" and metric in outcome.metrics:
+        log_metrics(ctx.parent_run_id, {f"{outcome.name}/{metric}": outcome.metrics[metric]})
+
+
+def _data_read_by(ctx: JobContext, name: str) -> Path:
+    """The shards a stage reads: `data_dir_of`, or for a stage on a trained model (distillation, consistency
+    distillation) the shards that model was trained on."""
+    stage = ctx.spec.stages[name]
+    for need in stage.needs:
+        if need in ctx.latent_dirs:
+            return ctx.latent_dirs[need]
+    for need in stage.needs:
+        directory = _data_read_by(ctx, need)
+        if directory != ctx.data_dir:
+            return directory
+    return ctx.data_dir
+
+
+def _log_data(ctx: JobContext, name: str, run_id: str) -> None:
+    """The splits a stage reads, as MLflow dataset inputs of its run (digest, split, sample count)."""
+    directory = _data_read_by(ctx, name)
+    manifest = read_manifest(directory)
+    digest = manifest_sha256(directory)
+    for split, context in (("train", "train"), ("test", "eval")):
+        if split in manifest.splits:
+            tracking.log_dataset(run_id, str(Path(directory).resolve()), name=f"{manifest.source}:{split}",
+                                 digest=digest, split=split, num_samples=manifest.splits[split].num_samples,
+                                 context=context)
 
 
 def redacted_params(spec: dict[str, Any]) -> dict[str, Any]:
@@ -722,16 +760,18 @@ def run_stage(ctx: JobContext, name: str) -> StageOutcome:
              ", ".join(f"{r.name} v{r.version}" for r in inputs.values()) or "data only")
     run = client.create_run(ctx.experiment_id, run_name=name,
                             tags={"mlflow.parentRunId": ctx.parent_run_id, "pipeline.stage": name,
-                                  "pipeline.stage_key": key})
+                                  "pipeline.stage_key": key, **ctx.source})
     run_id = run.info.run_id
     status = "FAILED"
     try:
         tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
+        _log_data(ctx, name, run_id)
         _log_spec_artifact(run_id, ctx.spec_path)
         for role, ref in inputs.items():
             client.set_tag(run_id, f"pipeline.input.{role}", ref.uri)
         try:
-            export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
+            with tracking.system_metrics(run_id):
+                export, metrics = RUNNERS[stage.kind](ctx, name, key, run_id, inputs)
         except Exception as exc:
             raise _stage_user_error(ctx, name, exc) from None
         log_metrics(run_id, metrics, step=last_step(stage))

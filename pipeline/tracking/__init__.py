@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,62 @@ def code_version() -> str:
     from pipeline import __version__
 
     return __version__
+
+
+def git_commit() -> str | None:
+    """The full git commit of the code, or None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's own run tags for what started the run (the UI's Source, User and Version columns)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        user = os.environ.get("USER", "unknown")
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL", "mlflow.user": user}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+@contextmanager
+def system_metrics(run_id: str, interval_s: float = 5.0) -> Iterator[None]:
+    """Log this machine's CPU, memory, disk and network use (and GPU where MLflow can read it) to the run as
+    `system/*` every `interval_s` seconds while the block runs (MLflow's system-metrics monitor)."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, every stage
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_dataset(run_id: str, uri: str, *, name: str, digest: str, split: str, num_samples: int,
+                context: str) -> None:
+    """Record a split a run reads as an MLflow dataset input (the UI's Datasets column): where it is, the
+    manifest's digest, the split and its sample count; `context` is "train" or "eval"."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    ds = Dataset(name=name, digest=digest[:16], source_type=uri.split("://")[0] if "://" in uri else "local",
+                 source=json.dumps({"uri": uri}), profile=json.dumps({"split": split, "num_samples": num_samples}))
+    MlflowClient().log_inputs(run_id, [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def connect(uri: str, timeout_s: float = 15.0) -> None:

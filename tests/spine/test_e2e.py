@@ -16,6 +16,11 @@ OVERRIDES = ["eval.num_samples=200",
              "stages.diffusion.sampling.num_samples=200",
              "stages.distill.train.steps=40", "stages.distill.train.checkpoint_every=40",
              "stages.distill.sampling.num_samples=200"]
+def dm_of(children, stage: str) -> dict[str, float]:
+    """The metrics of the child run of `stage`."""
+    return next(r for r in children if r.data.tags["pipeline.stage"] == stage).data.metrics
+
+
 @pytest.mark.slow
 def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     first = run_job(tmp_path, "ldm.yaml", OVERRIDES, timeout=2400)
@@ -63,6 +68,24 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert encode_run.data.tags["pipeline.input.autoencoder"] == ae_uri
     assert encode_run.data.metrics["encode/train_samples"] > 0 and encode_run.info.status == "FINISHED"
     diffusion_run = next(r for r in children if r.data.tags["pipeline.stage"] == "diffusion")
+    # every run names its source, user and commit; every stage's run lists the splits it read (manifest digest)
+    from pipeline.data.shards import manifest_sha256
+
+    digest = manifest_sha256(tmp_path / "data" / "digits")[:16]
+    for r in [*parents, *children]:
+        assert r.data.tags["mlflow.source.name"].startswith("pipeline run ") and r.data.tags["mlflow.user"]
+    for r in children:
+        inputs = {i.dataset.name: i.dataset for i in client.get_run(r.info.run_id).inputs.dataset_inputs}
+        assert len(inputs) == 2, (r.data.tags["pipeline.stage"], inputs)
+        if r.data.tags["pipeline.stage"] in ("autoencoder", "classifier", "encode"):
+            assert inputs["digits:train"].digest == digest, inputs
+        else:  # diffusion and its distillation read the latents of the autoencoder
+            assert all(n.startswith("latents:models:/ldm-autoencoder/") for n in inputs), inputs
+    assert "system/cpu_utilization_percentage" in diffusion_run.data.metrics  # system metrics while it trained
+    # the parent run carries each trained stage's gate metric
+    pm = parents[0].data.metrics
+    assert pm["distill/eval/class_accuracy"] == dm_of(children, "distill")["eval/class_accuracy"]
+    assert pm["autoencoder/eval/recon_mse"] == dm_of(children, "autoencoder")["eval/recon_mse"]
     assert "train/loss" in diffusion_run.data.metrics
     history = client.get_metric_history(diffusion_run.info.run_id, "train/loss")
     assert len(history) >= 2 and sorted(m.step for m in history) == [m.step for m in history]
