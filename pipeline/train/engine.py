@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +61,34 @@ def ensure_process_group(device: torch.device) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1)
+
+
+def load_comm_op() -> None:
+    """Load DeepSpeed's CPU shared-memory collective op, first clearing a build lock left by a dead process.
+
+    torch guards an extension's JIT build directory with a plain `lock` file that every loading
+    process takes, even when the build is up to date. A process killed while holding it (a
+    preempted or killed training worker) leaves it behind, and every later process on the machine
+    then waits for it forever: CI lost four tests to their 20-minute limit that way. So each process
+    first takes an flock on a file beside the build directory (the kernel frees it when its holder
+    dies); holding it, any `lock` file is a dead process's and is removed. The op is then cached in
+    the process, so DeepSpeed's own load in `deepspeed.initialize` does not take the lock again.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # not a CPU worker: DeepSpeed loads no such op
+    build = Path(_get_build_directory(builder.name, verbose=False))
+    with open(build.parent / f".{build.name}.pipeline-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when this file closes or this process dies
+        stale = build / "lock"
+        if stale.exists():
+            logging.getLogger(__name__).warning("removing %s, a build lock left by a killed process", stale)
+            stale.unlink(missing_ok=True)
+        builder.load(verbose=False)
 
 
 def effective_zero_stage(zero_stage: int, world_size: int, device: torch.device) -> int:
@@ -114,6 +145,7 @@ def make_engine(model: nn.Module, *, lr: float, weight_decay: float, warmup_step
     import deepspeed
 
     ensure_process_group(device)
+    load_comm_op()
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)

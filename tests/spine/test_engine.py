@@ -87,3 +87,35 @@ def test_full_state_keeps_persistent_buffers_and_loads_into_a_fresh_module() -> 
     assert float(fresh.count) == 7.0
     for a, b in zip(fresh.parameters(), engine.module.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_engine(tmp_path) -> None:
+    """torch's `lock` file in DeepSpeed's op build directory, left by a killed worker, is cleared.
+
+    Before, every later process waited for it forever (four CI tests hit their 20-minute limit).
+    The op's build is copied from this machine's cache, so nothing is compiled when it is there.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    build = tmp_path / "deepspeed_shm_comm"  # where torch builds with TORCH_EXTENSIONS_DIR=tmp_path
+    shutil.copytree(built, build, ignore=shutil.ignore_patterns("lock"))
+    (build / "lock").touch()  # what a process killed while holding it leaves behind
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    code = ("from pipeline.train.engine import load_comm_op; load_comm_op(); "
+            "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+            "print('loaded', hasattr(ShareMemCommBuilder().load(), 'initialize'))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the op's load waited on the dead process's lock") from None
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loaded True" in out.stdout
+    assert not (build / "lock").exists()
+    assert f"removing {build / 'lock'}, a build lock left by a killed process" in out.stderr
