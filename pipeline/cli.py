@@ -9,9 +9,10 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 log = logging.getLogger("pipeline")
 
@@ -207,18 +208,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_spec
 
     spec = load_spec(args.job, args.set)  # validated whole before any work starts
+    from pipeline import progress
     from pipeline.stages import run_job
 
+    if not args.verbose:  # the terminal shows the pipeline's lines and a bar per stage; the log file the rest
+        progress.log_to_file_later(Path(".pipeline") / "logs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     t0 = time.perf_counter()
     outcomes = run_job(spec, args.job, force_promote=args.force_promote)
+    out = progress.stdout()
     from pipeline import tracking
 
     uri = tracking.tracking_uri(spec.tracking.uri)
-    print(f"\nJob '{spec.name}' finished in {time.perf_counter() - t0:.0f} s.")
-    print(f"{'stage':<14}{'status':<10}{'version':<9}{'champion':<10}{'time':>7}")
+    print(f"\nJob '{spec.name}' finished in {time.perf_counter() - t0:.0f} s.", file=out)
+    print(f"{'stage':<14}{'status':<10}{'version':<9}{'champion':<10}{'time':>7}", file=out)
     for o in outcomes:
         print(f"{o.name:<14}{o.status:<10}{(o.version or '-'):<9}{('yes' if o.champion else 'no'):<10}"
-              f"{o.seconds:>6.0f}s")
+              f"{o.seconds:>6.0f}s", file=out)
     for o in outcomes:
         if spec.stages[o.name].kind != "distill" or not o.metrics:
             continue
@@ -228,12 +233,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps = getattr(teacher, "sampling", None)
         if steps is not None:  # the teacher's own evaluation, at its full step count
             metrics.update({k.replace("eval/", f"eval/teacher_{steps.steps}steps_"): v for k, v in base.items()})
-        _print_distill_report(metrics)
-    print(f"\nMLflow runs and registered models: {tracking.redact(uri)} (experiment "
-          f"'{spec.tracking.experiment or spec.name}'); browse with `mlflow ui --backend-store-uri "
-          f"{tracking.redact(uri)}`")
+        _print_distill_report(metrics, out)
+    experiment = spec.tracking.experiment or spec.name
+    print(f"\nMLflow runs and registered models: {tracking.redact(uri)} (experiment '{experiment}'); "
+          + "\n".join(tracking.ui_links(uri, tracking.training_experiment(experiment))), file=out)
     names = [s.registry.name for s in spec.stages.values() if hasattr(s, "registry") and s.kind != "encode"]
-    print("Registered models (alias champion): " + ", ".join(f"models:/{n}@champion" for n in names))
+    print("Registered models (alias champion): " + ", ".join(f"models:/{n}@champion" for n in names), file=out)
     last = list(spec.stages.values())[-1]
     text = last.kind == "unclip_decoder" or getattr(last, "conditioning", "class") == "text"
     how = '--caption "a handwritten digit three" --num 8' if text else "--label 3"
@@ -241,21 +246,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         how = "--control PICTURE.png --num 8" + (" --label 3" if last.class_labels else "")
     print("Sample grids: the artifacts samples/*.png of each stage's run"
           + ("" if last.kind in NOT_SAMPLED else f"; draw a new one with\n  pipeline sample "
-             f"models:/{names[-1]}@champion {how} --out grid.png"))
+             f"models:/{names[-1]}@champion {how} --out grid.png"), file=out)
     return 0
 
 
-def _print_distill_report(metrics: dict[str, float]) -> None:
+def _print_distill_report(metrics: dict[str, float], out: TextIO | None = None) -> None:
     rows = sorted({m.group(1) for k in metrics if (m := re.match(r"eval/((?:teacher|student)_\d+steps)_", k))},
                   key=lambda r: (r.startswith("student"), -int(re.sub(r"\D", "", r))))
     if not rows:
         return
-    print("\nTeacher vs distilled students on held-out digits (classifier features):")
-    print(f"{'model':<22}{'class acc':>10}{'FID':>10}{'KID':>10}{'img/s':>9}")
+    print("\nTeacher vs distilled students on held-out digits (classifier features):", file=out)
+    print(f"{'model':<22}{'class acc':>10}{'FID':>10}{'KID':>10}{'img/s':>9}", file=out)
     for r in rows:
         def g(m: str, r: str = r) -> float:
             return metrics.get(f"eval/{r}_{m}", float("nan"))
-        print(f"{r:<22}{g('class_accuracy'):>10.3f}{g('fid'):>10.3f}{g('kid'):>10.4f}{g('samples_per_sec'):>9.1f}")
+        print(f"{r:<22}{g('class_accuracy'):>10.3f}{g('fid'):>10.3f}{g('kid'):>10.4f}"
+              f"{g('samples_per_sec'):>9.1f}", file=out)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -864,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pipeline` console script: the exit code. Bad command-line input (argparse's
     checks, or a command's own before it works) prints one ``error:`` line last and raises `UsageError`
     (a `SystemExit` with code 2); a user error met while working prints the same and returns 2."""
+    from pipeline import progress
+
     try:
         args = build_parser().parse_args(_eval_subverb(argv))
         _setup_logging(args.verbose)
@@ -871,19 +879,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except UsageError as exc:
         _stop_ray()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=progress.stderr())
         raise
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=progress.stderr())
         return 130
     except Exception as exc:
         from pipeline.config import user_message
 
         root = _user_error(exc)
         if root is None:
+            if progress.stderr() is not sys.stderr:  # a bug: its traceback on the terminal too, not only the log
+                traceback.print_exc(file=progress.stderr())
             raise
         _stop_ray()  # flush Ray's forwarded worker logs first, so the message is the last line
-        print(f"error: {user_message(root)}", file=sys.stderr)
+        print(f"error: {user_message(root)}", file=progress.stderr())
         return 2
 
 

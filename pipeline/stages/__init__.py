@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import tracking
+from pipeline import progress, tracking
 from pipeline.config import ClusterError, JobSpec, SamplingSpec, SpecError, flatten, user_error_root, user_message
 from pipeline.data import DataError, build_dataset, load_split, manifest_sha256, read_manifest
+from pipeline.data.shards import expected_chw
 
 log = logging.getLogger("pipeline")
 
@@ -256,8 +257,9 @@ def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict
     stage = ctx.spec.stages[name]
     config = {"stage": stage.model_dump(mode="json"), "seed": ctx.spec.seed, "tracking_uri": ctx.uri,
               "run_id": run_id, "expected_samples": getattr(dataset, "_pipeline_expected_samples", None), **extra}
-    result = fit_stage(config, dataset, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}",
-                       storage_path=ctx.storage)
+    with progress.stage_progress(name, run_id, last_step(stage), start=extra.get("step_offset", 0)):
+        result = fit_stage(config, dataset, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}",
+                           storage_path=ctx.storage)
     if result.error:
         raise result.error
     ctx.last_checkpoint = result.checkpoint
@@ -270,12 +272,21 @@ def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict
 
 
 def _log_png(run_id: str, png: bytes, path: str) -> None:
-    from mlflow.tracking import MlflowClient
+    """A PNG as the run's artifact `path`, and as an MLflow image (key `path` less `.png`) at the run's last
+    training step, which the UI shows with a step slider."""
+    import io
 
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient()
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / Path(path).name
         p.write_bytes(png)
-        MlflowClient().log_artifact(run_id, str(p), str(Path(path).parent) if "/" in path else None)
+        client.log_artifact(run_id, str(p), str(Path(path).parent) if "/" in path else None)
+    params = client.get_run(run_id).data.params
+    step = int(params.get("train.steps", 0)) * int(params.get("halvings", 1))  # as last_step(stage)
+    client.log_image(run_id, Image.open(io.BytesIO(png)), key=str(Path(path).with_suffix("")), step=step)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -482,7 +493,10 @@ def load_generator(model_dir: str | Path):
     model, meta = load_exported(model_dir)
     decoder = None
     ae_uri = meta["extra"].get("autoencoder")
-    if ae_uri:
+    bundled = Path(model_dir) / "decoder"  # a registered version carries its autoencoder (tracking.pyfunc)
+    if (bundled / "model.json").is_file():
+        decoder, _ = load_exported(bundled)
+    elif ae_uri:
         decoder, _ = load_exported(tracking.download(tracking.resolve(ae_uri)))
     return Generator(model, meta, decoder)
 
@@ -597,26 +611,25 @@ def run_job(spec: JobSpec, spec_path: str | Path, *, force_promote: bool = False
     """
     from mlflow.tracking import MlflowClient
 
-    import mlflow
-
     uri = tracking.tracking_uri(spec.tracking.uri)
     tracking.connect(uri)
     preflight(spec)  # before anything is written: shards, MLflow store, Ray session
+    progress.start_pending_log()  # from here on Ray's and DeepSpeed's output goes to the run's log file
     data_dir = ensure_data(spec)
     init_ray(spec)
     check_resources(spec)
-    experiment = spec.tracking.experiment or spec.name
-    exp = mlflow.set_experiment(experiment)
+    experiment_id = tracking.training_experiment(spec.tracking.experiment or spec.name)
     client = MlflowClient()
     source = tracking.source_tags(f"pipeline run {spec_path}")
-    parent = client.create_run(exp.experiment_id, run_name=f"{spec.name}",
+    parent = client.create_run(experiment_id, run_name=f"{spec.name}",
                                tags={"pipeline.job": spec.name, "pipeline.spec_path": str(spec_path),
                                      "pipeline.code_version": tracking.code_version(), **source})
-    ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=exp.experiment_id,
+    ctx = JobContext(spec=spec, spec_path=Path(spec_path), uri=uri, experiment_id=experiment_id,
                      parent_run_id=parent.info.run_id, storage=spec.ray.storage, data_dir=data_dir,
                      force_promote=force_promote, source=source)
     _log_spec_artifact(parent.info.run_id, Path(spec_path))
-    tracking.log_params_flat(parent.info.run_id, redacted_params(spec.model_dump(mode="json")))
+    job = {k: v for k, v in spec.model_dump(mode="json").items() if k != "stages"}  # each stage's are on its run
+    tracking.log_params_flat(parent.info.run_id, {**redacted_params(job), "stages": ", ".join(spec.stages)})
     status = "FAILED"
     try:
         for name in spec.stages:
@@ -779,7 +792,8 @@ def run_stage(ctx: JobContext, name: str) -> StageOutcome:
                 "pipeline.data_manifest_sha256": manifest_sha256(ctx.data_dir),
                 "pipeline.code_version": tracking.code_version(), "pipeline.job": spec.name,
                 **{f"pipeline.input.{k}": v.uri for k, v in inputs.items()}}
-        ref = tracking.register(stage.registry.name, run_id, export, tags)
+        ref = tracking.register(stage.registry.name, run_id, export, tags,
+                                image_chw=expected_chw(read_manifest(ctx.data_dir)))
         tracking.set_alias(ref.name, "candidate", ref.version)
         promoted = promote_stage(ctx, name, ref, inputs).promoted
         status = "FINISHED"

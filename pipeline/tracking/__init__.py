@@ -1,7 +1,8 @@
 """MLflow as the system of record: tracking URI, runs, registered versions and aliases.
 
-Models are registered from run artifacts (`runs:/<run>/model`) holding safetensors weights and a
-JSON recipe — no pickled Python objects. Downstream stages resolve `models:/NAME@ALIAS`.
+Every registered version is an MLflow model (`pipeline.tracking.pyfunc`: mlflow.pyfunc loads and serves it)
+around safetensors weights and a JSON recipe — no pickled Python objects. Downstream stages resolve
+`models:/NAME@ALIAS`.
 """
 
 from __future__ import annotations
@@ -105,6 +106,35 @@ def log_dataset(run_id: str, uri: str, *, name: str, digest: str, split: str, nu
     MlflowClient().log_inputs(run_id, [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
 
+def training_experiment(name: str) -> str:
+    """Create or reuse experiment `name`, marked as model training so MLflow 3's UI opens it in that view
+    (not its GenAI view); returns its ID."""
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    exp_id = mlflow.set_experiment(name).experiment_id
+    MlflowClient().set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
+
+
+def ui_links(uri: str, experiment_id: str) -> list[str]:
+    """Where a job's results are in the MLflow UI's model-training view: its runs, its models, the registry."""
+    if uri.startswith(("http://", "https://")):  # the server itself, without credentials
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(uri)
+        base, lines = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}", []
+        base = base.rstrip("/")
+    else:  # a local store: the UI is a command away
+        base = "http://127.0.0.1:5000"
+        lines = [f"browse with `mlflow ui --backend-store-uri {redact(uri)} --port 5000`, then open"]
+    view = "?workflowType=machine_learning"
+    return lines + [f"  runs:     {base}/#/experiments/{experiment_id}/runs{view}",
+                    f"  models:   {base}/#/experiments/{experiment_id}/models{view}",
+                    f"  registry: {base}/#/models{view}"]
+
+
 def connect(uri: str, timeout_s: float = 15.0) -> None:
     """Point MLflow at `uri` and fail fast (not hang) when a server does not answer."""
     import mlflow
@@ -171,18 +201,32 @@ def resolve(uri: str) -> ModelRef:
 
 
 def download(ref: ModelRef, dst: str | None = None) -> str:
-    """Fetch a version's artifacts to a local directory."""
+    """Fetch a version to a local directory; returns the folder of its model.json and model.safetensors."""
     import mlflow
+    from pipeline.tracking.pyfunc import export_dir
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=dst)
+    return str(export_dir(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=dst)))
 
 
-def register(name: str, run_id: str, local_dir: str | Path, tags: dict[str, str]) -> ModelRef:
-    """Log `local_dir` as the run's model artifact and register it as a new version."""
+def register(name: str, run_id: str, export: str | Path, tags: dict[str, str],
+             image_chw: tuple[int, int, int] | None = None) -> ModelRef:
+    """Log `export` as the run's MLflow model (`pipeline.tracking.pyfunc`) and register it as a new version.
+
+    `image_chw` is the shape of the stage's data images, for the signature's input example."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    MlflowClient().log_artifacts(run_id, str(local_dir), MODEL_ARTIFACT)
-    return register_logged(name, run_id, tags)
+    from pipeline.tracking.pyfunc import log_model
+
+    info = log_model(run_id, export, name=name, image_chw=image_chw)
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already exists
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                     tags={k: str(v) for k, v in tags.items()})
+    return ModelRef(name, str(mv.version), mv.source, run_id, dict(mv.tags))
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -212,21 +256,6 @@ def log_params_flat(run_id: str, params: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- registry: sweeps, promotion, lineage
-
-
-def register_logged(name: str, run_id: str, tags: dict[str, str], artifact_path: str = MODEL_ARTIFACT) -> ModelRef:
-    """Register a model the run has already logged under `artifact_path` as a new version."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException:
-        pass  # already exists
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                                     tags={k: str(v) for k, v in tags.items()})
-    return ModelRef(name, str(mv.version), mv.source, run_id, dict(mv.tags))
 
 
 @dataclass

@@ -40,10 +40,11 @@ def setup_worker_logging() -> None:
 
 def _download(source: str, tracking_uri: str | None) -> str:
     import mlflow
+    from pipeline.tracking.pyfunc import export_dir
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.artifacts.download_artifacts(artifact_uri=source)
+    return str(export_dir(mlflow.artifacts.download_artifacts(artifact_uri=source)))
 
 
 def build_task(config: dict[str, Any]):
@@ -68,7 +69,7 @@ def build_task(config: dict[str, Any]):
         source = config["inputs"]["teacher"]
         if "checkpoint" in source:  # a previous halving's student, from Ray Train storage
             teacher_dir = str(Path(source["checkpoint"].to_directory()) / "export")
-        else:  # a registered version (runs:/... URI), from MLflow's artifact store
+        else:  # a registered version (its MLflow model), from MLflow's artifact store
             teacher_dir = _download(source["uri"], config.get("tracking_uri"))
         teacher, meta = load_exported(teacher_dir)
         return tasks.DistillTask(stage, teacher, meta, teacher_timesteps=config["teacher_timesteps"])

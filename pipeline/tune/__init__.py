@@ -251,7 +251,6 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    import mlflow
     from pipeline import stages, tracking
 
     spec, base = sweep.spec, sweep.base
@@ -261,7 +260,7 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
     tracking.connect(uri)
     data_dir = stages.ensure_data(base).resolve()
     stages.init_ray(base)
-    exp = mlflow.set_experiment(base.tracking.experiment or base.name)
+    experiment_id = tracking.training_experiment(base.tracking.experiment or base.name)
     client = MlflowClient()
     storage = Path(base.ray.storage).resolve()
     tune_root = storage / "sweeps"
@@ -270,17 +269,17 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
     if not resume and exp_dir.exists():  # keep the old sweep's files; start a fresh one
         exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
     restoring = resume and tune.Tuner.can_restore(str(exp_dir))
-    sweep_run_id, reused = _sweep_run(client, exp.experiment_id, state_file, sweep, restoring)
+    sweep_run_id, reused = _sweep_run(client, experiment_id, state_file, sweep, restoring)
     status = "FAILED"
     try:
-        ctx = stages.JobContext(spec=base, spec_path=sweep.job_path, uri=uri, experiment_id=exp.experiment_id,
+        ctx = stages.JobContext(spec=base, spec_path=sweep.job_path, uri=uri, experiment_id=experiment_id,
                                 parent_run_id=sweep_run_id, storage=str(storage), data_dir=data_dir)
         for name in prerequisites(sweep):
             outcome = stages.run_stage(ctx, name)
             log.info("[sweep %s] prerequisite %s: %s%s", spec.name, name, outcome.status,
                      f" v{outcome.version}" if outcome.version else "")
         setup = {"cwd": str(Path.cwd()), "sweep_path": str(sweep.path.resolve()), "sweep_set": sweep_set or [],
-                 "uri": uri, "experiment_id": exp.experiment_id, "sweep_run_id": sweep_run_id,
+                 "uri": uri, "experiment_id": experiment_id, "sweep_run_id": sweep_run_id,
                  "storage": str(storage), "data_dir": str(data_dir),
                  "refs": {k: v.uri for k, v in ctx.refs.items()},
                  "latent_dirs": {k: str(Path(v).resolve()) for k, v in ctx.latent_dirs.items()}}
@@ -308,10 +307,10 @@ def run_sweep(sweep: Sweep, *, sweep_set: list[str] | None = None, resume: bool 
             client.set_tag(sweep_run_id, "pipeline.sweep.interrupted", time.strftime("%Y-%m-%dT%H:%M:%S"))
             status = "KILLED"
             raise KeyboardInterrupt(f"sweep {spec.name} interrupted; its state is in {exp_dir}")
-        rows = _rows(client, sweep, sweep_run_id, exp.experiment_id, grid)
+        rows = _rows(client, sweep, sweep_run_id, experiment_id, grid)
         best = _best(rows, spec.metric.mode)
-        candidate = _register_best(client, sweep, sweep_run_id, best)
-        result = SweepResult(spec.name, sweep_run_id, exp.experiment_id, rows, best, candidate, str(exp_dir),
+        candidate = _register_best(client, sweep, sweep_run_id, best, data_dir)
+        result = SweepResult(spec.name, sweep_run_id, experiment_id, rows, best, candidate, str(exp_dir),
                              reused, spec.metric.name, spec.scheduler.metric,
                              {"seconds": time.perf_counter() - t0})
         _log_summary(client, result, sweep)
@@ -381,7 +380,7 @@ def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (min if mode == "min" else max)(done, key=lambda r: r.metric_value)
 
 
-def _register_best(client, sweep: Sweep, sweep_run_id: str, best: TrialRow | None) -> str | None:
+def _register_best(client, sweep: Sweep, sweep_run_id: str, best: TrialRow | None, data_dir: Path) -> str | None:
     """Register the best trial's logged model with the sweep's alias (once per sweep run)."""
     from pipeline import tracking
 
@@ -396,7 +395,14 @@ def _register_best(client, sweep: Sweep, sweep_run_id: str, best: TrialRow | Non
     tags = {k: v for k, v in run.data.tags.items() if k.startswith("pipeline.") and k not in
             ("pipeline.stage", "pipeline.trial_status", "pipeline.trial_error")}
     tags["pipeline.sweep_metric"] = f"{sweep.spec.metric.name}={best.metric_value}"
-    ref = tracking.register_logged(stage.registry.name, best.run_id, tags)
+    import mlflow
+
+    export = mlflow.artifacts.download_artifacts(f"runs:/{best.run_id}/{tracking.MODEL_ARTIFACT}")
+    from pipeline.data import read_manifest
+    from pipeline.data.shards import expected_chw
+
+    ref = tracking.register(stage.registry.name, best.run_id, export, tags,
+                            image_chw=expected_chw(read_manifest(data_dir)))
     tracking.set_alias(ref.name, sweep.spec.register_alias, ref.version)
     client.set_tag(sweep_run_id, "pipeline.sweep.candidate", f"{ref.uri}#{best.run_id}")
     log.info("[sweep %s] best trial %s (%s=%.6g) registered as %s v%s @%s", sweep.spec.name, best.trial_id,

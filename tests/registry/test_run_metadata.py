@@ -57,3 +57,15 @@ def test_system_metrics_are_logged_while_a_stage_runs(tmp_path: Path) -> None:
     assert len(steps) >= 2 and steps == sorted(steps)
     time.sleep(0.5)  # the monitor stopped with the block: nothing more is logged
     assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == len(steps)
+
+
+def test_end_of_run_links_open_the_model_training_view_without_credentials() -> None:
+    from pipeline.tracking import ui_links
+
+    served = ui_links("http://admin:s3cret@10.0.0.5:5000/", "7")
+    assert served == ["  runs:     http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning",
+                      "  models:   http://10.0.0.5:5000/#/experiments/7/models?workflowType=machine_learning",
+                      "  registry: http://10.0.0.5:5000/#/models?workflowType=machine_learning"]
+    local = ui_links("sqlite:///mlflow.db", "1")
+    assert local[0] == "browse with `mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000`, then open"
+    assert local[1].endswith("/#/experiments/1/runs?workflowType=machine_learning")

@@ -97,6 +97,12 @@ def run_job(cwd: Path, job: str, overrides: list[str] = (), timeout: float = 180
     return run_pipeline(cwd, "run", str(ROOT / "jobs" / job), *sets, timeout=timeout, env=env)
 
 
+def run_log(cwd: Path) -> str:
+    """The log file of the latest `pipeline run` in `cwd` (Ray's, DeepSpeed's and the workers' output)."""
+    logs = sorted((cwd / ".pipeline" / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1].read_text() if logs else ""
+
+
 def listing(path: Path) -> set[str]:
     """Every path under `path`, relative (to show that a failed command wrote nothing)."""
     return {str(p.relative_to(path)) for p in path.rglob("*")}

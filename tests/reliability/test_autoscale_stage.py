@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.infra.autoscale import autoscaling_cluster
-from tests.reliability.helpers import ROOT, clean_env, run_pipeline, write_job
+from tests.reliability.helpers import ROOT, clean_env, run_log, run_pipeline, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_stage_scales_the_cluster_up_and_back_down(tmp_path: Path, digits8: Path
         env = clean_env(**cluster.env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", RAY_DEDUP_LOGS="0")
         t0 = time.monotonic()
         out = run_pipeline(tmp_path, "run", str(job), env=env, timeout=900)
-        text = out.stdout + out.stderr
+        text = out.stdout + out.stderr + run_log(tmp_path)  # the workers' lines are in the run's log file
         assert out.returncode == 0, text[-4000:] + "\n" + cluster.log_tail()
         assert "[classifier] registered rel-classifier v1 → champion" in text
         t_run = time.monotonic() - t0

@@ -32,6 +32,7 @@ from tests.reliability.helpers import (
     corrupt_member,
     pipeline_cmd,
     ray_auth_disabled,
+    run_log,
     run_pipeline,
     write_job,
 )
@@ -223,7 +224,7 @@ def test_killed_driver_rerun_skips_done_stages_and_resumes(tmp_path: Path, digit
     (partial / "trainer_state.json").write_text('{"step": 3')
 
     second = run_pipeline(tmp_path, "run", str(job), env=env, timeout=600)
-    out = second.stdout + second.stderr
+    out = second.stdout + second.stderr + run_log(tmp_path)  # the workers' lines are in the run's log file
     assert second.returncode == 0, out[-4000:]
     assert "[classifier] skipped: champion rel-classifier v1" in out
     resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in out.splitlines()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.reliability.helpers import run_job, run_pipeline
+from tests.reliability.helpers import run_job, run_log, run_pipeline
 from tests.spine.baselines import mean_image_fid
 
 # The shipped gates of jobs/ldm.yaml (recon MSE <= 0.05 where the mean image scores 0.18, classifier accuracy
@@ -26,7 +28,19 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     first = run_job(tmp_path, "ldm.yaml", OVERRIDES, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Registered models (alias champion)" in first.stdout
-    assert "Failed to query Ray Train Controller" not in first.stdout + first.stderr  # once a second per stage
+    # a quiet terminal: the pipeline's lines and a progress bar per training stage; the rest is in the log file
+    lines = first.stdout.splitlines()
+    terminal = len(lines) + len(first.stderr.splitlines())
+    assert terminal < 60, (terminal, first.stdout, first.stderr[-3000:])
+    assert lines[0].startswith("Ray, DeepSpeed and worker output: .pipeline/logs/ldm-")
+    for stage in ("autoencoder", "classifier", "diffusion", "distill"):
+        bars = [ln for ln in lines if ln.startswith(f"[{stage}] █") or ln.startswith(f"[{stage}] ░")]
+        assert bars and " steps/s" in bars[-1] and " left" in bars[-1], (stage, lines)
+    assert "[distill] ████████████████████████ 80/80" in first.stdout  # both halvings on one bar
+    log_text = run_log(tmp_path)
+    assert "Started a local Ray instance" in log_text or "ray" in log_text.lower()
+    assert "Failed to query Ray Train Controller" not in log_text  # it warned once a second per stage
+    assert "/#/experiments/" in first.stdout and "workflowType=machine_learning" in first.stdout
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
 
     from mlflow.tracking import MlflowClient
@@ -40,7 +54,7 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
         mv = client.get_model_version_by_alias(name, "champion")
         versions[name] = mv.version
         assert mv.tags["pipeline.stage_key"]
-        assert mv.source.startswith("runs:/")
+        assert mv.source.startswith("models:/m-")  # an MLflow model (LoggedModel) of the stage's run
     # every version and model says what it is, how it was judged (this version's gate value) and how to use it
     gates = {"ldm-autoencoder": "eval/recon_mse", "ldm-classifier": "eval/accuracy", "ldm": "eval/class_accuracy",
              "ldm-distilled": "eval/class_accuracy"}
@@ -57,6 +71,7 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert distilled.tags["pipeline.input.diffusion"] == f"models:/ldm/{versions['ldm']}"
 
     exp = client.get_experiment_by_name("ldm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: model training view
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -92,6 +107,8 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert diffusion_run.data.params["train.steps"] == "300"
     artifacts = {a.path for a in client.list_artifacts(diffusion_run.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
+    images = {a.path for a in client.list_artifacts(diffusion_run.info.run_id, "images")}  # MLflow's step slider
+    assert any(p.startswith("images/samples~grid+step+300+") and p.endswith(".png") for p in images), images
     assert {"eval/class_accuracy", "eval/fid", "eval/kid"} <= set(diffusion_run.data.metrics)
     distill_run = next(r for r in children if r.data.tags["pipeline.stage"] == "distill")
     dm, tm = distill_run.data.metrics, diffusion_run.data.metrics
@@ -120,6 +137,98 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    check_pyfunc_models(tmp_path, grid)
+    check_served_model(tmp_path)
+
     missing = run_pipeline(tmp_path, "sample", "models:/ldm@nosuchalias", "--out", str(grid))
     assert missing.returncode == 2
     assert "nosuchalias" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def check_pyfunc_models(tmp_path, grid) -> None:
+    """Each registered kind of the main job loads with mlflow.pyfunc by alias: the generators draw what
+    `pipeline sample` drew (the grid of `--label 3 --num 8`, default seed and steps), the autoencoder and the
+    classifier compute what their exported modules compute."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import mlflow
+    from pipeline import tracking
+    from pipeline.data import load_split
+    from pipeline.eval import image_grid
+    from pipeline.train.export import load_exported
+
+    for name in ("ldm-distilled", "ldm"):
+        images = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pd.DataFrame({"label": [3] * 8}))
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if name == "ldm-distilled":
+            assert image_grid(x, nrow=8, scale=4) == grid.read_bytes()
+        else:  # the teacher, through the command line too
+            teacher = tmp_path / "teacher.png"
+            out = run_pipeline(tmp_path, "sample", "models:/ldm@champion", "--label", "3", "--num", "8",
+                               "--out", str(teacher))
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert image_grid(x, nrow=8, scale=4) == teacher.read_bytes()
+    real = torch.from_numpy(load_split(tmp_path / "data" / "digits", "test")["image"][:16])
+    for name, mode in (("ldm-classifier", None), ("ldm-autoencoder", "reconstruct")):
+        module, _ = load_exported(tracking.download(tracking.resolve(f"models:/{name}@champion")))
+        with torch.no_grad():
+            want = module(real) if mode is None else module.decode(module.encode(real)[0])
+        got = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(real.numpy(), params=mode and {"mode": mode})
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+
+
+def check_served_model(tmp_path) -> None:
+    """`mlflow models serve` serves the distilled model on 127.0.0.1: a REST request for 20 labels gets images
+    that the pipeline's classifier assigns to the requested classes (at least 70 %; chance is 10 %)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    from pipeline import tracking
+    from pipeline.train.export import load_exported
+    from tests.servers import free_port
+
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow starts uvicorn from PATH, as in an activated environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m",
+                               "models:/ldm-distilled@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its web server's workers are in its process group
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        labels = [k % 10 for k in range(20)]
+        body = json.dumps({"dataframe_records": [{"label": k} for k in labels], "params": {"seed": 1}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            images = np.asarray(json.loads(response.read())["predictions"], dtype=np.uint8)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    assert images.shape[0] == 20 and images.shape[-1] == 1, images.shape
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    classifier, _ = load_exported(tracking.download(tracking.resolve("models:/ldm-classifier@champion")))
+    with torch.no_grad():
+        accuracy = (classifier(x).argmax(-1) == torch.tensor(labels)).float().mean().item()
+    assert accuracy >= 0.7, accuracy
