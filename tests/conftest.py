@@ -40,12 +40,13 @@ def _isolated_ray_state():
 
 @pytest.fixture(scope="session")
 def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """One authenticated MLflow tracking server on PostgreSQL for the whole test run (started on first use).
+    """One authenticated MLflow tracking server on PostgreSQL, its artifacts in an S3-compatible store (moto's
+    server mode on 127.0.0.1), for the whole test run (started on first use).
 
     Tests that only need *a* server share it: each uses its own experiment and registered-model names, and
     sets the server's client environment with ``monkeypatch.setenv`` for each item of ``srv.env``.
     """
     from tests.servers import mlflow_server
 
-    with mlflow_server(tmp_path_factory.mktemp("shared-mlflow"), backend="postgres") as srv:
+    with mlflow_server(tmp_path_factory.mktemp("shared-mlflow"), backend="postgres", artifacts="s3") as srv:
         yield srv

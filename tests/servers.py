@@ -200,6 +200,68 @@ def postgres_server(tmp_path: Path, *, databases: tuple[str, ...] = (), timeout_
         shutil.rmtree(base, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- S3 (moto in server mode)
+
+
+@dataclass(frozen=True)
+class S3Info:
+    """A running S3-compatible server (moto's server mode) with one bucket."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+    """MLFLOW_S3_ENDPOINT_URL and the AWS credentials, for boto3 clients (the MLflow server)."""
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key in the bucket under `prefix`."""
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        keys, token = [], None
+        while True:
+            page = s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, **({"ContinuationToken": token} if token
+                                                                               else {}))
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            token = page["NextContinuationToken"]
+
+
+@contextmanager
+def s3_server(tmp_path: Path, bucket: str = "artifacts", timeout_s: float = 60.0) -> Iterator[S3Info]:
+    """moto's S3-compatible server on a free loopback port, with `bucket` created."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "s3-server.log"
+    env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "genpipe-test",
+           "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24), "AWS_DEFAULT_REGION": "us-east-1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with code {proc.returncode}:\n{_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(endpoint, timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"moto_server did not answer within {timeout_s:.0f} s") from None
+                time.sleep(0.3)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield S3Info(endpoint, bucket, env)
+    finally:
+        _end_group(proc)
+
+
 # --------------------------------------------------------------------------- MLflow
 
 
@@ -218,6 +280,8 @@ class ServerInfo:
     log_path: Path = Path()
     backend_store_uri: str = ""
     """Store URI the server was given (never with a password)."""
+    s3: S3Info | None = None
+    """The S3-compatible store holding the server's artifacts, when ``artifacts="s3"``."""
 
     def log_tail(self, n_chars: int = 4000) -> str:
         """The end of the server's combined stdout/stderr."""
@@ -247,6 +311,7 @@ def mlflow_server(
     tmp_path: Path,
     backend: Literal["sqlite", "postgres"] = "sqlite",
     *,
+    artifacts: Literal["local", "s3"] = "local",
     workers: int = 1,
     timeout_s: float = 180.0,
     extra_env: dict[str, str] | None = None,
@@ -257,7 +322,8 @@ def mlflow_server(
     files under ``tmp_path/mlflow-home``; ``"postgres"`` starts :func:`postgres_server` and
     puts both there (databases ``mlflow`` and ``mlflow_auth``; the DB password reaches the
     server through ``PGPASSWORD``, never the URI). Artifacts are proxied by the server into
-    ``tmp_path/mlflow-home/artifacts``. The admin password is random per server.
+    ``tmp_path/mlflow-home/artifacts``, or with ``artifacts="s3"`` into a bucket of :func:`s3_server`
+    (credentials reach the server through the usual AWS variables). The admin password is random per server.
     """
     if backend not in ("sqlite", "postgres"):
         raise ValueError(f"backend must be 'sqlite' or 'postgres', got {backend!r}")
@@ -298,6 +364,10 @@ def mlflow_server(
             env["MLFLOW_BACKEND_STORE_URI"] = backend_uri
             env["MLFLOW_AUTH_DATABASE_URI"] = base_uri.rsplit("/", 1)[0] + "/mlflow_auth"
             env["PGPASSWORD"] = db_password or ""
+        s3 = None
+        if artifacts == "s3":
+            s3 = stack.enter_context(s3_server(tmp_path))
+            env.update(s3.env, MLFLOW_ARTIFACTS_DESTINATION=f"s3://{s3.bucket}/mlflow")
         env.update(extra_env or {})
 
         with open(log_path, "wb") as log:
@@ -319,4 +389,5 @@ def mlflow_server(
             home=home,
             log_path=log_path,
             backend_store_uri=backend_uri,
+            s3=s3,
         )

@@ -64,6 +64,9 @@ def _exercise(srv: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.9, 0.5, 0.25]
         assert got.data.metrics["loss"] == 0.25
         assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/weights.txt"]
+        if srv.s3 is not None:  # the server proxied them into its bucket; its credentials are in no log
+            assert any(k.endswith(f"{run_id}/artifacts/model/weights.txt") for k in srv.s3.keys()), srv.s3.keys()
+            assert srv.s3.env["AWS_SECRET_ACCESS_KEY"] not in srv.log_tail(10**7)
         by_alias = client.get_model_version_by_alias(name, "candidate")
         assert by_alias.version == version.version and by_alias.run_id == run_id
 
@@ -117,4 +120,5 @@ def test_server_auth_tracking_and_registry_on_sqlite(tmp_path: Path, monkeypatch
 @pytest.mark.slow
 def test_server_auth_tracking_and_registry_on_postgres(shared_mlflow_server: ServerInfo, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    _check_server(shared_mlflow_server, "postgresql://", tmp_path, monkeypatch)  # the run's shared server
+    assert shared_mlflow_server.s3 is not None  # the run's shared server: PostgreSQL, artifacts in S3
+    _check_server(shared_mlflow_server, "postgresql://", tmp_path, monkeypatch)

@@ -217,6 +217,13 @@ def test_downstream_stage_uses_promoted_champion_on_postgres_server(tmp_path, mo
         ray.shutdown()
     assert outcome.status == "trained"
     made = tracking.resolve(f"models:/promo-distilled/{outcome.version}")
+    # the version is an MLflow model in the server's S3 bucket, loaded through the server with mlflow.pyfunc
+    import pandas as pd
+
+    images = mlflow.pyfunc.load_model(made.uri).predict(pd.DataFrame({"label": [1, 2]}), params={"seed": 3})
+    assert images.shape[0] == 2 and images.dtype == "uint8"
+    model_id = made.source.removeprefix("models:/")
+    assert any(model_id in k and k.endswith("data/model/model.safetensors") for k in srv.s3.keys()), srv.s3.keys()
     assert made.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
     run = client.get_run(made.run_id)
     assert run.data.tags["pipeline.input.diffusion"] == f"models:/promo-ddpm/{better.version}"
