@@ -233,6 +233,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps = getattr(teacher, "sampling", None)
         if steps is not None:  # the teacher's own evaluation, at its full step count
             metrics.update({k.replace("eval/", f"eval/teacher_{steps.steps}steps_"): v for k, v in base.items()})
+        final = spec.stages[o.name].teacher_steps >> spec.stages[o.name].halvings  # its registered student
+        metrics.update({f"eval/student_{final}steps_{k[5:]}": v for k, v in o.metrics.items()
+                        if re.fullmatch(r"eval/[a-z_]+", k) and "steps_" not in k})
         _print_distill_report(metrics, out)
     experiment = spec.tracking.experiment or spec.name
     print(f"\nMLflow runs and registered models: {tracking.redact(uri)} (experiment '{experiment}'); "

@@ -560,10 +560,9 @@ def run_distill(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> tu
         teacher_input = {"checkpoint": ctx.last_checkpoint}
         metrics.update(_eval_generator(ctx, run_id, teacher_dir, steps=timesteps, guidance=0.0,
                                        num_samples=n, prefix=f"student_{len(timesteps)}steps_"))
-    # The gate reads the final student's numbers under stable names.
+    # The final student's numbers under the stable names the gate reads (once: no duplicate keys)
     final = f"student_{len(timesteps)}steps_"
-    metrics.update({k.replace(final, ""): v for k, v in list(metrics.items()) if final in k})
-    return teacher_dir, metrics
+    return teacher_dir, {k.replace(final, ""): v for k, v in metrics.items()}
 
 
 def data_dir_of(ctx: JobContext, stage_name: str) -> Path:

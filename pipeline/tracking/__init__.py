@@ -435,8 +435,8 @@ def usage(uri: str, sampled: bool) -> list[str]:
     lines = ["How to use:", "", f"    pipeline lineage {uri}"]
     if sampled:
         lines.append(f"    pipeline sample {uri} --out grid.png")
-    return [*lines, "    # in Python (pipeline.tracking: download, resolve; pipeline.train.export: load_exported)",
-            f'    model, meta = load_exported(download(resolve("{uri}")))']
+    return [*lines, "    # in Python: an MLflow model (its signature says what predict takes; README: Use a trained model)",
+            f'    mlflow.pyfunc.load_model("{uri}").predict(...)']
 
 
 def set_descriptions(ref: ModelRef, version_text: str, model_text: str) -> None:

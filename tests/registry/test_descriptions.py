@@ -41,4 +41,4 @@ def test_refused_autoencoder_says_why_and_is_not_sampled() -> None:
 def test_usage_of_an_alias() -> None:
     lines = usage("models:/ldm@champion", sampled=True)
     assert "    pipeline sample models:/ldm@champion --out grid.png" in lines
-    assert lines[-1] == '    model, meta = load_exported(download(resolve("models:/ldm@champion")))'
+    assert lines[-1] == '    mlflow.pyfunc.load_model("models:/ldm@champion").predict(...)'

@@ -41,6 +41,8 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
     assert "Started a local Ray instance" in log_text or "ray" in log_text.lower()
     assert "Failed to query Ray Train Controller" not in log_text  # it warned once a second per stage
     assert "/#/experiments/" in first.stdout and "workflowType=machine_learning" in first.stdout
+    table = first.stdout.split("Teacher vs distilled students")[1]
+    assert "teacher_16steps" in table and "student_8steps" in table and "student_4steps" in table  # all rows
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
 
     from mlflow.tracking import MlflowClient
@@ -116,7 +118,7 @@ def test_ldm_job_end_to_end_then_skips_on_rerun(tmp_path):
            if "eval/" in k})
     assert {"eval/teacher_16steps_class_accuracy", "eval/student_8steps_class_accuracy"} <= set(dm)
     # the registered distilled model samples in 4 steps, at the accuracy the issue asks of it (chance: 0.1)
-    assert dm["eval/class_accuracy"] == dm["eval/student_4steps_class_accuracy"] >= 0.7, dm
+    assert dm["eval/class_accuracy"] >= 0.7 and "eval/student_4steps_class_accuracy" not in dm, dm  # once
     assert tm["eval/class_accuracy"] >= 0.5, tm  # the teacher passed its shipped gate (5x chance)
     # FID under the job's classifier: under 2% of a generator collapsed onto the mean held-out image
     # (measured: 0.099 against 45.9)

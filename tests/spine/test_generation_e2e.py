@@ -87,7 +87,7 @@ def test_distill_job_registers_every_generator_and_bench_tables_them(tmp_path):
     # every few-step generator is label-steered well above chance, and far from a mean-image collapse in FID
     # (measured: class accuracy 1.0 for all three; FID 0.18, 0.20, 0.23 against the baseline's 32.5)
     assert tm["eval/class_accuracy"] >= 7 * CHANCE, tm  # with classifier guidance
-    assert student["eval/class_accuracy"] == student["eval/student_1steps_class_accuracy"] >= 7 * CHANCE
+    assert student["eval/class_accuracy"] >= 7 * CHANCE and "eval/student_1steps_class_accuracy" not in student
     assert metrics["eval/1step_class_accuracy"] >= 7 * CHANCE and "eval/2step_fid" in metrics
     baseline = mean_image_fid(tmp_path / "data" / "digits", "models:/distill-classifier@champion")
     for m in (tm, student, metrics):

@@ -44,7 +44,8 @@ def test_tdvae_job_end_to_end(tmp_path: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/rollouts.png", "samples/filter_reconstructions.png"} <= artifacts
 
+    from pipeline import tracking
     from pipeline.train.export import load_exported
 
-    model, meta = load_exported(mlflow.artifacts.download_artifacts(mv.source))
+    model, meta = load_exported(tracking.download(tracking.resolve("models:/tdvae-moving-digits@champion")))
     assert meta["name"] == "td_vae" and model.frames == 12 and model.max_jump == 4
