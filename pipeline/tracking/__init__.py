@@ -435,7 +435,7 @@ def usage(uri: str, sampled: bool) -> list[str]:
     lines = ["How to use:", "", f"    pipeline lineage {uri}"]
     if sampled:
         lines.append(f"    pipeline sample {uri} --out grid.png")
-    return [*lines, "    # in Python: an MLflow model (its signature says what predict takes; README: Use a trained model)",
+    return [*lines, "    # in Python: an MLflow model (its signature says what predict takes)",
             f'    mlflow.pyfunc.load_model("{uri}").predict(...)']
 
 
