@@ -490,7 +490,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline import tracking
-    from pipeline.data import load_split
+    from pipeline.data import HELD_OUT_LIMIT, load_split
     from pipeline.eval.likelihood import generator_nll, log_nll_run
     from pipeline.stages import load_generator
 
@@ -499,7 +499,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     gen = load_generator(tracking.download(ref))
     if gen.meta.get("extra", {}).get("kind") != "diffusion":
         raise UsageError(f"{ref.name} v{ref.version} is not a diffusion model")
-    data = load_split(args.data, args.split)
+    data = load_split(args.data, args.split, limit=HELD_OUT_LIMIT if args.num is None else args.num)
     n = len(data["label"]) if args.num is None else min(args.num, len(data["label"]))
     images, labels = torch.from_numpy(data["image"][:n]), torch.from_numpy(data["label"][:n])
     d = gen.extra["diffusion"]
@@ -559,7 +559,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline import tracking
-    from pipeline.data import load_split
+    from pipeline.data import HELD_OUT_LIMIT, load_split
     from pipeline.eval import generate, sample_metrics
     from pipeline.stages import load_generator
     from pipeline.train.export import load_exported
@@ -574,7 +574,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gen = load_generator(model_dir)
     _check_steps(args.steps, gen.extra)
     classifier, _ = load_exported(tracking.download(tracking.resolve(args.classifier)))
-    test = load_split(args.data, "test")
+    test = load_split(args.data, "test", limit=HELD_OUT_LIMIT)
     real = torch.from_numpy(test["image"])
     kw = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed,
           **_langevin_kw(args)}

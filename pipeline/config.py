@@ -151,6 +151,15 @@ class _TrainedStage(_StageBase):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     registry: RegisterSpec = Field(alias="register")
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self):
+        scale, train = getattr(self, "scale", None), getattr(self, "train", None)
+        if scale is not None and train is not None and train.batch_size % scale.workers:
+            raise ValueError(f"train.batch_size ({train.batch_size}) must be a multiple of scale.workers "
+                             f"({scale.workers}): each worker reads batch_size / workers samples of every global "
+                             "batch, which keeps the data order the same for any worker count")
+        return self
+
 
 class AutoencoderStage(_TrainedStage):
     """An autoencoder-family model; `objective.type` picks the objective (default `kl_vae`, the LDM first stage)."""
@@ -186,7 +195,10 @@ class EncodeStage(_StageBase):
     """Ray Data batch inference with the registered autoencoder, writing latent shards."""
 
     kind: Literal["encode"]
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1)  # images per forward pass
+    workers: int = Field(1, ge=1)  # actors in the Ray Data pool, each with the model loaded
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # > 0: the actors encode on a GPU
 
 
 class DiffusionSpec(_Strict):
@@ -593,6 +605,7 @@ class DataSpec(_Strict):
     image_size: int | None = Field(None, ge=4)
     held_out: float = Field(0.15, gt=0, lt=1)
     shard_size: int = Field(512, ge=1)
+    shuffle_shards: int = Field(16, ge=1)  # shards whose samples are shuffled together, each epoch anew
     on_corrupt: Literal["skip", "fail"] = "fail"
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
@@ -617,6 +630,8 @@ class EvalSpec(_Strict):
 
     classifier: str | None = "classifier"
     num_samples: int = Field(500, ge=10)
+    # held-out (test) samples read for evaluation: the first ones in shard order, never the whole split
+    held_out_samples: int = Field(2048, ge=1)
 
 
 class RaySpec(_Strict):

@@ -5,7 +5,7 @@ This package never imports Ray; ``pipeline.data.ray_data`` does.
 """
 
 from pipeline.data.errors import DataError
-from pipeline.data.local import ReadStats, iterate_batches, load_split
+from pipeline.data.local import HELD_OUT_LIMIT, TRAIN_SAMPLE_LIMIT, ReadStats, iterate_batches, load_split
 from pipeline.data.shards import (
     Manifest,
     ShardInfo,
@@ -15,6 +15,7 @@ from pipeline.data.shards import (
     read_manifest,
     shard_paths,
     verify_shards,
+    write_array_shard,
     write_array_shards,
     write_manifest,
     write_shards,
@@ -22,6 +23,8 @@ from pipeline.data.shards import (
 from pipeline.data.sources import SOURCES, Sample, iter_source, source_classes
 
 __all__ = [
+    "HELD_OUT_LIMIT",
+    "TRAIN_SAMPLE_LIMIT",
     "SOURCES",
     "DataError",
     "Manifest",
@@ -38,6 +41,7 @@ __all__ = [
     "shard_paths",
     "source_classes",
     "verify_shards",
+    "write_array_shard",
     "write_array_shards",
     "write_manifest",
     "write_shards",

@@ -21,8 +21,8 @@ IMAGE_EXTS = ("png", "jpg", "jpeg")
 KNOWN_EXTS = (*IMAGE_EXTS, "npy", "cls", "txt", "json")
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 (C, H, W) in [-1, 1]."""
+def decode_image_u8(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (C, H, W)."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         if im.mode not in ("L", "RGB"):
@@ -30,8 +30,17 @@ def decode_image(data: bytes) -> np.ndarray:
         arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    # (H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]
-    return arr.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (the one conversion, wherever it runs)."""
+    return image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 (C, H, W) in [-1, 1]."""
+    return to_unit_range(decode_image_u8(data))
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -42,9 +51,9 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _decode_member(ext: str, data: bytes) -> tuple[str, Any]:
+def _decode_member(ext: str, data: bytes, uint8: bool = False) -> tuple[str, Any]:
     if ext in IMAGE_EXTS:
-        return "image", decode_image(data)
+        return "image", decode_image_u8(data) if uint8 else decode_image(data)
     if ext == "npy":
         return "image", decode_npy(data)
     if ext == "cls":
@@ -59,7 +68,7 @@ def _decode_member(ext: str, data: bytes) -> tuple[str, Any]:
     raise AssertionError(ext)
 
 
-def decode_sample(members: dict[str, Any]) -> dict[str, Any]:
+def decode_sample(members: dict[str, Any], *, uint8: bool = False) -> dict[str, Any]:
     """Decode one sample's members (``{ext: bytes}``, plus optional ``__key__``/``__url__``).
 
     Returns ``{"key", "image" (float32, CHW for images), "label" (int), "caption" (str),
@@ -74,7 +83,7 @@ def decode_sample(members: dict[str, Any]) -> dict[str, Any]:
         try:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"expected bytes, found {type(data).__name__}")
-            name, value = _decode_member(ext, bytes(data))
+            name, value = _decode_member(ext, bytes(data), uint8)
         except Exception as e:
             shard = members.get("__url__", "?")
             raise DataError(f"corrupt member {key}.{ext} in shard {shard}: {type(e).__name__}: {e}") from e

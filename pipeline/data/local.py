@@ -6,6 +6,7 @@ import logging
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -171,18 +172,32 @@ def iterate_batches(
         epoch += 1
 
 
-def load_split(directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fail") -> dict[str, Any]:
-    """A whole split in memory, in shard order, for evaluation.
+#: How many samples of a split :func:`load_split` reads unless told otherwise: evaluation works on a
+#: bounded sample (the first ones in shard order), never on a whole split of unknown size.
+HELD_OUT_LIMIT = 2048
+#: The bounded sample of a *training* split that a driver reads in memory (caption vocabularies, class text
+#: embeddings, baselines). Fixed, not a spec setting: what a stage trains must not depend on `eval`.
+TRAIN_SAMPLE_LIMIT = 4096
 
-    Returns ``{"image": (N, C, H, W) float32 ndarray, "label": (N,) int64, "caption": list[str],
-    "key": list[str], "skipped": int, "extra": list[dict]}`` (``extra``: each sample's json member, ``{}``
-    without one), plus ``"factors": (N, F) int64`` when every sample's json holds a ``factors`` list
-    (the generative factors of e.g. the ``sprites`` source).
+
+def load_split(
+    directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fail", limit: int | None = HELD_OUT_LIMIT
+) -> dict[str, Any]:
+    """The first ``limit`` samples of a split in memory, in shard order, for evaluation.
+
+    Reading stops after ``limit`` decoded samples (default :data:`HELD_OUT_LIMIT`); ``limit=None`` reads
+    the whole split (small data and tests only). Returns ``{"image": (N, C, H, W) float32 ndarray,
+    "label": (N,) int64, "caption": list[str], "key": list[str], "skipped": int, "extra": list[dict]}``
+    (``extra``: each sample's json member, ``{}`` without one; ``skipped``: corrupt samples skipped among
+    those read), plus ``"factors": (N, F) int64`` when every sample's json holds a ``factors`` list (the
+    generative factors of e.g. the ``sprites`` source).
     """
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1 (or None for the whole split), got {limit}")
     stats = ReadStats()
     shape = expected_chw(read_manifest(directory))
     paths = shard_paths(directory, split)
-    samples = list(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=shape))
+    samples = list(islice(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=shape), limit))
     if not samples:
         raise DataError(f"split {split!r} of {directory} has no samples")
     out = {

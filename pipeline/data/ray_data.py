@@ -139,3 +139,61 @@ def torch_batches(
         local_shuffle_seed=local_shuffle_seed,
         prefetch_batches=prefetch_batches,
     )
+
+
+# ---------------------------------------------------------------- training: one deterministic stream per worker
+
+TARGET_BYTES = 16 << 20  # decoded bytes per Ray Data task (= one block): bounds what a task holds in memory
+MAX_ROWS = 2048  # samples per task at most: small images amortise a task's fixed cost (~10-25 ms of CPU in Ray)
+
+
+def batches_per_task(spec: Any, micro: int) -> int:
+    """Global batches each Ray Data task reads for one rank: about TARGET_BYTES of decoded images (uint8 pixels;
+    latents are float32 but small), at most MAX_ROWS samples, at least one batch."""
+    sample = int(np.prod(spec.shape))
+    rows = min(MAX_ROWS, max(1, TARGET_BYTES // max(1, sample)))
+    return max(1, rows // max(1, micro))
+
+
+def _read_task(batch: dict[str, np.ndarray], *, spec: Any, rank: int, world: int, micro: int,
+               first: int) -> dict[str, np.ndarray]:
+    from pipeline.data.stream import read_batches
+
+    return read_batches(spec, first + np.asarray(batch["id"], np.int64), rank=rank, world=world, micro=micro)
+
+
+def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, count: int
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Rank ``rank``'s part of global batches ``start, start+1, ...``: ``(batch number, numpy batch)``.
+
+    The order is :mod:`pipeline.data.stream`'s; reading, decoding and augmenting run in Ray Data tasks (one
+    fused read+decode task per block of :func:`batches_per_task` batches, uint8 pixels until the worker) while
+    the worker trains, in order (``preserve_order``), with Ray Data's backpressure bounding what is in flight.
+    Batches are views of the blocks (no copy). After ``count`` batches it goes on with a new read of the
+    following ones (steps skipped for a non-finite loss consume batches too).
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    per_task = batches_per_task(spec, micro)
+    first = start
+    while True:
+        n = max(count, per_task)
+        # batch_size=None: the range's read and the decoding fuse into one task per block
+        ds = ray.data.range(n, override_num_blocks=max(1, -(-n // per_task)))
+        ds = ds.map_batches(_read_task, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+                            fn_kwargs={"spec": spec, "rank": rank, "world": world, "micro": micro, "first": first})
+        pending: dict[str, list[np.ndarray]] = {}
+        rows = 0
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            nums = block["batch"]
+            cuts = [0, *(np.flatnonzero(nums[1:] != nums[:-1]) + 1).tolist(), len(nums)]
+            for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):  # a batch's `micro` rows, in order
+                for k, v in block.items():
+                    pending.setdefault(k, []).append(v[lo:hi])
+                rows += hi - lo
+                if rows == micro:
+                    yield int(nums[lo]), {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in pending.items()}
+                    pending, rows = {}, 0
+        first += n
+        count = per_task * 4

@@ -33,6 +33,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "genpipe-shards/1"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}-[A-Za-z0-9_-]{1,80}\.tar$")  # <prefix>-<id>.tar
 
 
 # ---------------------------------------------------------------- manifest model
@@ -148,8 +149,12 @@ class _ShardWriter:
         self._count = 0
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    def _name(self) -> str:
+        """The file name of the shard being written."""
+        return f"{self.prefix}-{len(self.shards):06d}.tar"
+
     def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = self._name()
         self._tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
         self._file = open(self._tmp, "wb")  # closed in _close() or abort()
         self._hash = _HashingFile(self._file)
@@ -184,7 +189,7 @@ class _ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = self._name()
         os.replace(self._tmp, self.out_dir / name)
         _fsync_dir(self.out_dir)
         self.shards.append(
@@ -263,6 +268,20 @@ def write_shards(
     return _write(items, Path(out_dir), prefix, shard_size).shards
 
 
+def _array_items(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """Latent rows as (key, members, label): ``npy`` (float32, no pickle), ``cls`` and ``txt`` members."""
+    for r in rows:
+        arr = r["array"] if "array" in r else r["image"]
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)), allow_pickle=False)
+        members = {
+            "npy": buf.getvalue(),
+            "cls": str(int(r["label"])).encode("ascii"),
+            "txt": str(r.get("caption", "")).encode("utf-8"),
+        }
+        yield str(r["key"]), members, int(r["label"])
+
+
 def write_array_shards(
     rows: Iterable[dict[str, Any]], out_dir: str | Path, *, prefix: str = "train", shard_size: int = 512
 ) -> list[ShardInfo]:
@@ -271,20 +290,42 @@ def write_array_shards(
     Members: ``<key>.npy`` (float32, ``np.save(allow_pickle=False)``), ``<key>.cls``,
     ``<key>.txt``.
     """
+    return _write(_array_items(rows), Path(out_dir), prefix, shard_size).shards
 
-    def items() -> Iterator[tuple[str, dict[str, bytes], int]]:
-        for r in rows:
-            arr = r["array"] if "array" in r else r["image"]
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)), allow_pickle=False)
-            members = {
-                "npy": buf.getvalue(),
-                "cls": str(int(r["label"])).encode("ascii"),
-                "txt": str(r.get("caption", "")).encode("utf-8"),
-            }
-            yield str(r["key"]), members, int(r["label"])
 
-    return _write(items(), Path(out_dir), prefix, shard_size).shards
+class _NamedShardWriter(_ShardWriter):
+    """A :class:`_ShardWriter` that writes exactly one shard, under a name the caller chose."""
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        if not _SHARD_NAME_RE.match(name):
+            raise DataError(f"shard name {name!r} must match {_SHARD_NAME_RE.pattern}")
+        super().__init__(out_dir, name.split("-", 1)[0], shard_size=1 << 62)
+        self.name = name
+
+    def _name(self) -> str:
+        if self.shards:
+            raise DataError(f"shard {self.name} is already written")
+        return self.name
+
+
+def write_array_shard(rows: Iterable[dict[str, Any]], out_dir: str | Path, name: str) -> tuple[ShardInfo, SplitInfo]:
+    """Write latent rows (as :func:`write_array_shards`) into ONE shard file ``out_dir/name``, atomically.
+
+    ``name`` is ``<split>-<id>.tar`` (``<split>`` a shard prefix, ``<id>`` like a sample key), so a writer
+    that cannot number its shards (one of many Ray Data tasks) can still give each a unique, stable name.
+    Returns the shard's entry and its split info (sample and per-label counts) for the manifest.
+    """
+    w = _NamedShardWriter(Path(out_dir), name)
+    try:
+        for key, members, label in _array_items(rows):
+            w.add(key, members, label)
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
+    if not w.shards:
+        raise DataError(f"shard {name}: no rows to write")
+    return w.shards[0], w.split_info()
 
 
 # ---------------------------------------------------------------- dataset build

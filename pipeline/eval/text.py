@@ -63,7 +63,7 @@ def evaluate_text_generator(ctx, run_id: str, model_dir: Path, data_dir: Path, *
     from pipeline.stages import _classifier, _log_png, load_generator
 
     gen = load_generator(model_dir)
-    test = load_split(data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
+    test = load_split(data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt, limit=ctx.spec.eval.held_out_samples)
     idx = [i % len(test["caption"]) for i in range(num_samples)]
     captions = [test["caption"][i] for i in idx]
     labels = torch.as_tensor(test["label"][idx], dtype=torch.long)
@@ -79,6 +79,6 @@ def evaluate_text_generator(ctx, run_id: str, model_dir: Path, data_dir: Path, *
     metrics = {"samples_per_sec": num_samples / secs}
     classifier = _classifier(ctx)
     if classifier is not None:
-        real = torch.from_numpy(load_split(ctx.data_dir, "test")["image"])
+        real = torch.from_numpy(load_split(ctx.data_dir, "test", limit=ctx.spec.eval.held_out_samples)["image"])
         metrics.update(sample_metrics(fake, labels, real, classifier))
     return {f"eval/{k}": v for k, v in metrics.items()}

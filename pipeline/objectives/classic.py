@@ -67,9 +67,9 @@ def _need(model: nn.Module, name: str, what: str, ok: bool) -> None:
 
 
 def _test_split(data_dir: Path) -> dict[str, Any]:
-    from pipeline.data import load_split
+    from pipeline.data import HELD_OUT_LIMIT, load_split
 
-    return load_split(data_dir, "test")
+    return load_split(data_dir, "test", limit=HELD_OUT_LIMIT)
 
 
 def _recon_eval(x: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:

@@ -39,9 +39,9 @@ class KLVAEObjective:
         return out["loss"], {"recon": out["recon"].mean(), "kl": out["kl"].mean()}
 
     def evaluate(self, model, data_dir: Path, cfg: dict[str, Any], seed: int):
-        from pipeline.data import load_split
+        from pipeline.data import HELD_OUT_LIMIT, load_split
 
-        x = torch.from_numpy(load_split(data_dir, "test")["image"])
+        x = torch.from_numpy(load_split(data_dir, "test", limit=HELD_OUT_LIMIT)["image"])
         with torch.no_grad():
             mean, _ = model.encode(x)
             recon = model.decode(mean)

@@ -110,9 +110,9 @@ class TDVAEObjective:
         return parts["loss"].mean(), {**metrics, "kl_weight": torch.tensor(weight, device=x.device)}
 
     def evaluate(self, model, data_dir: Path, cfg: dict[str, Any], seed: int):
-        from pipeline.data import load_split
+        from pipeline.data import HELD_OUT_LIMIT, load_split
 
-        x = torch.from_numpy(load_split(data_dir, "test")["image"])
+        x = torch.from_numpy(load_split(data_dir, "test", limit=HELD_OUT_LIMIT)["image"])
         return evaluate_sequences(model, model.split(x), cfg, seed)
 
 

@@ -143,9 +143,9 @@ class VQObjective:
         max(recon_mse / mean_image_mse, perplexity_floor / perplexity) is below 1 exactly when the
         reconstruction beats the mean image and the perplexity is above the floor (gate it with max 1).
         """
-        from pipeline.data import load_split
+        from pipeline.data import HELD_OUT_LIMIT, load_split
 
-        x = torch.from_numpy(load_split(data_dir, "test")["image"])
+        x = torch.from_numpy(load_split(data_dir, "test", limit=HELD_OUT_LIMIT)["image"])
         with torch.no_grad():
             codes = model.encode_codes(x)
             recon = model.decode_codes(codes)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import progress, tracking
@@ -167,6 +166,13 @@ def check_resources(spec: JobSpec) -> None:
                     f"stage '{name}' needs {amount:g} {res} (scale.workers={scale.workers} × scale.{per}="
                     f"{getattr(scale, per):g}) but {where} at most {have:g}; lower stages.{name}.scale.workers or "
                     f"stages.{name}.scale.{per}, or add nodes")
+        have = max(now.get("CPU", 0.0), (most or {}).get("CPU", 0.0))
+        if need["CPU"] >= have:  # the workers' Ray Data tasks (read, decode) would never get a CPU
+            raise ClusterError(
+                f"stage '{name}' takes all {have:g} CPU of the cluster for its workers (scale.workers={scale.workers}"
+                f" × scale.cpus_per_worker={scale.cpus_per_worker:g}), leaving none for the Ray Data tasks that "
+                f"read its shards; lower stages.{name}.scale.cpus_per_worker (fractions work) or "
+                f"stages.{name}.scale.workers, raise ray.num_cpus (in-process Ray), or add nodes")
 
 
 def init_ray(spec: JobSpec) -> None:
@@ -236,18 +242,14 @@ def input_refs(ctx: JobContext, name: str) -> dict[str, tracking.ModelRef]:
 
 
 def pixel_dataset(ctx: JobContext, data_dir: Path):
-    """The training split as a Ray Dataset of (image, label); images augmented per the spec."""
-    from pipeline.data.augment import augment_batch
-    from pipeline.data.ray_data import ray_dataset
+    """What a stage's workers stream: the training split of `data_dir` in the order of `pipeline.data.stream`,
+    images augmented per the spec (never latents), fresh each epoch."""
+    from pipeline.data.stream import spec_for
 
-    ds = ray_dataset(data_dir, "train", shuffle_seed=ctx.spec.seed, on_corrupt=ctx.spec.data.on_corrupt)
     aug = ctx.spec.data.augment
-    if data_dir == ctx.data_dir and (aug.hflip or aug.shift):
-        ds = ds.map_batches(augment_batch, batch_format="numpy",
-                            fn_kwargs={"hflip": aug.hflip, "shift": aug.shift})
-    ds = ds.select_columns(["image", "label", "caption", "key"])  # the key orders in-memory data deterministically
-    ds._pipeline_expected_samples = read_manifest(data_dir).splits["train"].num_samples  # to count skipped ones
-    return ds
+    pixel = data_dir == ctx.data_dir
+    return spec_for(str(data_dir), "train", seed=ctx.spec.seed, window=ctx.spec.data.shuffle_shards,
+                    on_corrupt=ctx.spec.data.on_corrupt, hflip=aug.hflip and pixel, shift=aug.shift if pixel else 0)
 
 
 def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict[str, Any],
@@ -255,11 +257,13 @@ def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict
     from pipeline.train.ray_worker import fit_stage
 
     stage = ctx.spec.stages[name]
+    if dataset.size < stage.train.batch_size:
+        raise DataError(f"the training split has {dataset.size} samples, fewer than one global batch of "
+                        f"{stage.train.batch_size}; lower stages.{name}.train.batch_size")
     config = {"stage": stage.model_dump(mode="json"), "seed": ctx.spec.seed, "tracking_uri": ctx.uri,
-              "run_id": run_id, "expected_samples": getattr(dataset, "_pipeline_expected_samples", None), **extra}
+              "run_id": run_id, "data": dataset, **extra}
     with progress.stage_progress(name, run_id, last_step(stage), start=extra.get("step_offset", 0)):
-        result = fit_stage(config, dataset, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}",
-                           storage_path=ctx.storage)
+        result = fit_stage(config, run_name=f"{ctx.spec.name}-{name}-{key}{suffix}", storage_path=ctx.storage)
     if result.error:
         raise result.error
     ctx.last_checkpoint = result.checkpoint
@@ -329,104 +333,10 @@ def run_classifier(ctx: JobContext, name: str, key: str, run_id: str, inputs) ->
     data_dir = data_dir_of(ctx, name)  # latents when it needs an encode stage (a noisy latent classifier)
     export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, data_dir), {})
     model, _ = load_exported(export)
-    test = load_split(data_dir, "test")
+    test = load_split(data_dir, "test", limit=ctx.spec.eval.held_out_samples)
     pred = classify(model, torch.from_numpy(test["image"]))
     acc = float((pred.numpy() == test["label"]).mean())
     return export, {"eval/accuracy": acc}
-
-
-class _Encoder:
-    """Ray Data batch-inference callable: images → scaled-free latent means."""
-
-    def __init__(self, model_dir: str):
-        from pipeline.train.export import load_exported
-
-        torch.set_num_threads(1)
-        self.model, _ = load_exported(model_dir)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            mean, _ = self.model.encode(torch.from_numpy(np.asarray(batch["image"], dtype=np.float32)))
-        return {"array": mean.numpy(), "label": batch["label"], "caption": batch["caption"],
-                "key": batch["key"]}
-
-
-def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef]) -> StageOutcome:
-    """Encode every split with the registered autoencoder (Ray Data batch inference), once per version, in a
-    child run of its own (params, the input version, sample counts and the latent scale)."""
-    from mlflow.tracking import MlflowClient
-
-    (ae_stage, ref), = inputs.items()
-    out = Path(LATENT_ROOT) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
-    ctx.latent_dirs[name] = out
-    if (out / "manifest.json").is_file():
-        log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version, out)
-        return StageOutcome(name, "cached")
-    client = MlflowClient()
-    stage = ctx.spec.stages[name]
-    run_id = client.create_run(ctx.experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": ctx.parent_run_id, "pipeline.stage": name, f"pipeline.input.{ae_stage}": ref.uri,
-        "pipeline.latents": str(out), **ctx.source}).info.run_id
-    status = "FAILED"
-    try:
-        tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
-        _log_data(ctx, name, run_id)
-        outcome = _encode(ctx, name, ref, out)
-        log_metrics(run_id, outcome.metrics)
-        status = "FINISHED"
-        return outcome
-    finally:
-        client.set_terminated(run_id, status)
-
-
-def _encode(ctx: JobContext, name: str, ref: tracking.ModelRef, out: Path) -> StageOutcome:
-    """Write the latent shards of every split to `out` (through a temporary directory)."""
-    from pipeline.data import write_array_shards, write_manifest
-    from pipeline.data.ray_data import ray_dataset
-    from pipeline.data.shards import Manifest
-
-    model_dir = tracking.download(ref)
-    stage = ctx.spec.stages[name]
-    manifest = read_manifest(ctx.data_dir)
-    splits = {}
-    scale = None
-    tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tmp_out.mkdir(parents=True, exist_ok=True)
-    shape = None
-    for split in ("train", "test"):
-        ds = ray_dataset(ctx.data_dir, split, on_corrupt=ctx.spec.data.on_corrupt)
-        ds = ds.map_batches(_Encoder, fn_constructor_args=(model_dir,), batch_size=stage.batch_size,
-                            concurrency=1, num_cpus=1)
-        rows = []
-        for batch in ds.iter_batches(batch_size=stage.batch_size, batch_format="numpy"):
-            for i in range(len(batch["label"])):
-                rows.append({"key": batch["key"][i], "array": batch["array"][i], "label": int(batch["label"][i]),
-                             "caption": str(batch["caption"][i])})
-        arrays = np.stack([r["array"] for r in rows])
-        if scale is None:  # LDM's latent scaling: unit variance on the training split
-            scale = float(1.0 / arrays.std())
-        for r in rows:
-            r["array"] = r["array"] * scale
-        shape = arrays.shape[1:]
-        shards = write_array_shards(rows, tmp_out, prefix=split, shard_size=ctx.spec.data.shard_size)
-        labels: dict[int, int] = {}
-        for r in rows:
-            labels[r["label"]] = labels.get(r["label"], 0) + 1
-        splits[split] = {"num_samples": len(rows), "labels": labels, "shards": [s.model_dump() for s in shards]}
-    c, h, w = shape
-    latent_manifest = Manifest(source=f"latents:{ref.uri}", encoding="npy", image_size=[h, w, c],
-                               num_classes=manifest.num_classes, class_names=manifest.class_names,
-                               seed=manifest.seed, held_out=manifest.held_out, splits=splits)
-    (tmp_out / "scale.json").write_text(json.dumps({"latent_scale": scale, "autoencoder": ref.uri}))
-    write_manifest(tmp_out, latent_manifest)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp_out, out)
-    log.info("[%s] wrote latents of %s v%s to %s (scale %.4f)", name, ref.name, ref.version, out, scale)
-    return StageOutcome(name, "encoded", metrics={"latent_scale": scale, **{
-        f"encode/{split}_samples": float(info["num_samples"]) for split, info in splits.items()}})
 
 
 def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, guidance: float,
@@ -459,7 +369,7 @@ def _eval_generator(ctx: JobContext, run_id: str, model_dir: Path, *, steps, gui
     _log_png(run_id, image_grid(grid, nrow=8, scale=4), f"samples/{prefix}grid.png")
     metrics = {"samples_per_sec": num_samples / secs}
     if classifier is not None:
-        real = torch.from_numpy(load_split(ctx.data_dir, "test")["image"])
+        real = torch.from_numpy(load_split(ctx.data_dir, "test", limit=ctx.spec.eval.held_out_samples)["image"])
         metrics.update(sample_metrics(fake, labels, real, classifier))
     return {f"eval/{prefix}{k}": v for k, v in metrics.items()}
 
@@ -580,6 +490,7 @@ RUNNERS = {"autoencoder": run_autoencoder, "classifier": run_classifier, "diffus
 # The runners of the other stage kinds live in their own modules (they import this one's helpers).
 from pipeline.stages.consistency import run_consistency  # noqa: E402
 from pipeline.stages.controlnet import run_controlnet  # noqa: E402
+from pipeline.stages.encode import run_encode  # noqa: E402
 from pipeline.stages.prior import run_prior  # noqa: E402
 from pipeline.stages.superres import run_superres  # noqa: E402
 

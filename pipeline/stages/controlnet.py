@@ -53,7 +53,7 @@ def run_controlnet(ctx, name: str, key: str, run_id: str, inputs: dict[str, trac
                   {"inputs": {"base": {"uri": base_ref.source}}})
     model, meta = load_exported(export)
     n = min(stage.sampling.num_samples, ctx.spec.eval.num_samples)
-    test = load_split(ctx.data_dir, "test")
+    test = load_split(ctx.data_dir, "test", limit=ctx.spec.eval.held_out_samples)
     images = torch.from_numpy(test["image"])[:n]
     labels = torch.from_numpy(test["label"])[:n]
     n_cls = int(base_meta["extra"].get("num_classes", 0))

@@ -64,7 +64,7 @@ def sample_images(prior: nn.Module, vq: nn.Module, labels: torch.Tensor, shapes:
 
 def run_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict]:
     """Train the prior on the codes of its input VQ autoencoder; report held-out bits/code and sample quality."""
-    from pipeline.data import load_split, read_manifest
+    from pipeline.data import TRAIN_SAMPLE_LIMIT, load_split, read_manifest
     from pipeline.eval import image_grid, sample_metrics
     from pipeline.stages import _classifier, _fit, _log_png, pixel_dataset
     from pipeline.train.export import load_exported
@@ -75,7 +75,8 @@ def run_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict
     if not hasattr(vq, "encode_codes"):
         raise SpecError(f"stage '{name}' needs a VQ autoencoder (vq_vae, vq_vae2), but {ref.uri} has no codes")
     manifest = read_manifest(ctx.data_dir)
-    test, train = load_split(ctx.data_dir, "test"), load_split(ctx.data_dir, "train")
+    test = load_split(ctx.data_dir, "test", limit=ctx.spec.eval.held_out_samples)
+    train = load_split(ctx.data_dir, "train", limit=TRAIN_SAMPLE_LIMIT)  # the unigram baseline's counts
     test_codes = encode_all(vq, torch.from_numpy(test["image"]))
     shapes = [list(c.shape[-2:]) for c in test_codes]
     data_info = {"autoencoder": ref.uri, "code_shapes": shapes}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline import tracking
 from pipeline.config import SpecError
-from pipeline.data import load_split, read_manifest
+from pipeline.data import TRAIN_SAMPLE_LIMIT, load_split, read_manifest
 from pipeline.diffusion import diffusion_loss
 from pipeline.diffusion.cond_aug import downsample, to_residual, upsample_bicubic
 from pipeline.train.superres_task import denoiser, sample_stage, sr_condition
@@ -153,14 +153,15 @@ def run_superres(ctx, name: str, key: str, run_id: str, inputs: dict[str, tracki
     if stage.conditioning == "text":
         from pipeline.train.text_task import resolve_text_encoder
 
-        train_captions = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)["caption"]
+        train_captions = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt,
+                                    limit=TRAIN_SAMPLE_LIMIT)["caption"]
         extra["text_encoder"] = resolve_text_encoder(stage.text_encoder.model_dump(), train_captions)
     export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir), extra)
     model, meta = load_exported(export)
     seed = ctx.spec.seed
     s = stage.sampling
     n = min(s.num_samples, ctx.spec.eval.num_samples)
-    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
+    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt, limit=ctx.spec.eval.held_out_samples)
     images = torch.from_numpy(test["image"])[:n]
     captions = [str(t) for t in test["caption"][:n]]
     metrics = {"eval/heldout_mse": heldout_loss(model, meta, images, seed, captions=captions)}

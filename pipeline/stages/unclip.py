@@ -46,7 +46,7 @@ def _class_embeddings(clip, train: dict[str, Any], num_classes: int) -> torch.Te
 
 def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[str, float]]:
     """Train the CLIP pair; zero-shot accuracy of held-out images against the class text embeddings."""
-    from pipeline.data import load_split, read_manifest
+    from pipeline.data import TRAIN_SAMPLE_LIMIT, load_split, read_manifest
     from pipeline.eval.text import class_captions
     from pipeline.eval.unclip import cosine, encode_images, encode_texts
     from pipeline.objectives.contrastive import zero_shot_predict
@@ -56,7 +56,7 @@ def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[
 
     stage = ctx.spec.stages[name]
     manifest = read_manifest(ctx.data_dir)
-    train = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)
+    train = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt, limit=TRAIN_SAMPLE_LIMIT)
     try:
         text_encoder = resolve_text_encoder(stage.text_encoder.model_dump(), train["caption"])
     except ValueError as exc:
@@ -64,7 +64,7 @@ def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[
     export = _fit(ctx, name, key, run_id, pixel_dataset(ctx, ctx.data_dir),
                   {"text_encoder": text_encoder, "in_channels": manifest.image_size[2]})
     clip, _ = load_exported(export)
-    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
+    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt, limit=ctx.spec.eval.held_out_samples)
     labels = torch.from_numpy(test["label"]).long()
     image_emb = encode_images(clip, torch.from_numpy(test["image"]))
     ensemble = _class_embeddings(clip, train, manifest.num_classes)
@@ -82,7 +82,7 @@ def run_clip(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[
 
 def run_clip_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[str, float]]:
     """Train the prior on the registered CLIP's embeddings; score sampled embeddings for held-out captions."""
-    from pipeline.data import load_split, read_manifest
+    from pipeline.data import TRAIN_SAMPLE_LIMIT, load_split, read_manifest
     from pipeline.eval.unclip import class_centroids, cosine, encode_images, encode_texts, sample_prior
     from pipeline.objectives.contrastive import zero_shot_predict
     from pipeline.stages import _fit, pixel_dataset
@@ -95,8 +95,8 @@ def run_clip_prior(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path,
                   {"inputs": {"clip": {"uri": clip_ref.source}}, "data_info": {"clip": clip_ref.uri}})
     prior, meta = load_exported(export)
 
-    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
-    train = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)
+    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt, limit=ctx.spec.eval.held_out_samples)
+    train = load_split(ctx.data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt, limit=TRAIN_SAMPLE_LIMIT)
     n = min(stage.sampling.num_samples, ctx.spec.eval.num_samples, len(test["label"]))
     labels = torch.from_numpy(test["label"][:n]).long()
     true_emb = encode_images(clip, torch.from_numpy(test["image"][:n]))
@@ -166,7 +166,7 @@ def run_unclip_decoder(ctx, name: str, key: str, run_id: str, inputs) -> tuple[P
 
     s = stage.sampling
     dec_kw = {"steps": s.steps, "guidance": s.guidance, "sampler": s.sampler, "eta": s.eta}
-    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt)
+    test = load_split(ctx.data_dir, "test", on_corrupt=ctx.spec.data.on_corrupt, limit=ctx.spec.eval.held_out_samples)
     n = min(s.num_samples, ctx.spec.eval.num_samples)
     idx = cycle_indices(n, len(test["label"]))
     captions = [test["caption"][i] for i in idx]

@@ -55,20 +55,25 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf and the spec says to stop."""
 
 
+Stream = Callable[[int, int], Iterator[tuple[int, dict[str, Any]]]]
+"""(first global batch, batches wanted) -> endless (epoch, batch) of this worker, that batch first."""
+
+
 @dataclass
 class WorkerContext:
     """What the loop needs from its surroundings."""
 
     rank: int
     world_size: int
-    batches: Callable[[int], Iterator[dict[str, Any]]]  # epoch -> batches of this worker
+    # This worker's batches from a global batch number on. A job's workers stream their shards in the order of
+    # `pipeline.data.stream` (global batch b is a function of the seed and b), so the step is the data position.
+    batches: Stream
     report: Callable[[dict[str, float], str | None], None]  # (metrics, checkpoint dir or None)
     resume_dir: str | None = None
     log_metrics: Callable[[dict[str, float], int], None] | None = None
-    # In-memory data: all training samples {"image": (N, ...), "label": (N,)} in a fixed order (by key).
-    # When given, batch b is a pure function of (seed, b) — see `_memory_batches` — instead of `batches`.
-    samples: Callable[[], dict[str, torch.Tensor]] | None = None
     extra_metrics: dict[str, float] = field(default_factory=dict)  # merged into every report
+    skipped_keys: set[str] = field(default_factory=set)  # corrupt samples skipped (data.on_corrupt=skip)
+    dataset_size: int | None = None  # samples per epoch, to report data/samples
     step_times: list[float] = field(default_factory=list)
     wait_times: list[float] = field(default_factory=list)
 
@@ -93,59 +98,86 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cycle(ctx: WorkerContext, start_epoch: int, cache: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Endless batches. With `cache`, the first pass streams and later epochs replay it, reshuffled."""
-    epoch = start_epoch
-    if cache:
-        kept: list[dict[str, Any]] = []
-        for batch in ctx.batches(epoch):
-            kept.append(batch)
-            yield epoch, batch
-        if not kept:
-            raise RuntimeError(f"worker {ctx.rank} received no training batches (too few samples?)")
-        g = torch.Generator().manual_seed(1000 + ctx.rank)
+def epoch_stream(batches: Callable[[int], Iterator[dict[str, Any]]]) -> Stream:
+    """A `Stream` from a function epoch -> that epoch's batches (synthetic data in tests and benchmarks):
+    resuming at batch b skips the first b batches."""
+    def stream(start: int, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        epoch, b = 0, 0
         while True:
+            n = 0
+            for batch in batches(epoch):
+                n += 1
+                if b >= start:
+                    yield epoch, batch
+                b += 1
+            if n == 0:
+                raise RuntimeError("the worker received no training batches (too few samples?)")
             epoch += 1
-            cols = {k: torch.cat([b[k] for b in kept]) for k, v in kept[0].items()
-                    if torch.is_tensor(v)}  # image, label (and caption_bytes)
-            perm = torch.randperm(len(cols["image"]), generator=g)
-            bs = len(kept[0]["image"])
-            for i in range(0, len(perm) - bs + 1, bs):
-                idx = perm[i:i + bs]
-                yield epoch, {k: v[idx] for k, v in cols.items()}
-    while True:
-        n = 0
-        for batch in ctx.batches(epoch):
-            n += 1
-            yield epoch, batch
-        if n == 0:
-            raise RuntimeError(f"worker {ctx.rank} received no training batches (too few samples?)")
-        epoch += 1
+    return stream
 
 
-def _memory_batches(data: dict[str, torch.Tensor], *, rank: int, world: int, micro: int, seed: int,
-                    start: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Endless batches from samples held in memory, batch number `start` first.
+def tensor_stream(data: dict[str, torch.Tensor], *, rank: int, world: int, micro: int, seed: int) -> Stream:
+    """A `Stream` over tensors already in memory (unit tests of the loop; jobs always stream shards).
 
-    Global batch b is rows [i·G, (i+1)·G) of a permutation of all N samples seeded by (seed, e),
-    where G = micro·world, e = b // (N // G) and i = b mod (N // G); this worker takes its
-    micro-slice [rank·micro, (rank+1)·micro). The global batch therefore depends only on the seed
-    and b — not on the worker count, the rank or an interruption — so a resumed run sees exactly the
-    batches an uninterrupted one would, and 1 or N workers see the same global batches.
+    Global batch b is rows [i·G, (i+1)·G) of a permutation of all N rows seeded by (seed, e), where
+    G = micro·world, e = b // (N // G) and i = b mod (N // G); this worker takes its micro-slice.
     """
     n, g = len(data["label"]), micro * world
     per_epoch = n // g
     if per_epoch == 0:
         raise RuntimeError(f"{n} training samples are fewer than one global batch of {g}; lower train.batch_size")
-    perm, perm_epoch, b = torch.empty(0, dtype=torch.long), -1, start
-    while True:
-        epoch, i = divmod(b, per_epoch)
-        if epoch != perm_epoch:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            perm_epoch = epoch
-        idx = perm[i * g + rank * micro:i * g + (rank + 1) * micro]
-        yield epoch, {k: v[idx] for k, v in data.items() if torch.is_tensor(v)}  # image, label (, caption_bytes)
-        b += 1
+
+    def stream(start: int, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        perm, perm_epoch, b = torch.empty(0, dtype=torch.long), -1, start
+        while True:
+            epoch, i = divmod(b, per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                perm_epoch = epoch
+            idx = perm[i * g + rank * micro:i * g + (rank + 1) * micro]
+            yield epoch, {k: v[idx] for k, v in data.items() if torch.is_tensor(v)}
+            b += 1
+    return stream
+
+
+def batch_tensors(b: dict[str, Any], skipped_keys: set[str], rank: int = 0) -> dict[str, torch.Tensor]:
+    """A numpy batch of `pipeline.data.stream.read_batches` as the loop's tensors; corrupt rows dropped (their
+    keys added to `skipped_keys`)."""
+    from pipeline.data import DataError
+    from pipeline.data.decode import to_unit_range
+    from pipeline.models.text import captions_to_bytes
+
+    ok = np.asarray(b["ok"], bool)
+    if not ok.all():
+        new = {str(k) for k in b["key"][~ok]} - skipped_keys
+        if new:
+            log.warning("rank %d: corrupt training sample(s) skipped (data.on_corrupt=skip): %s", rank,
+                        ", ".join(sorted(new)))
+        skipped_keys.update(new)
+        if not ok.any():
+            raise DataError(f"every sample of global batch {int(b['batch'][0])} on rank {rank} is corrupt; "
+                            "check the shards")
+        b = {k: v[ok] for k, v in b.items()}
+    image = b["image"]
+    image = to_unit_range(image) if image.dtype == np.uint8 else np.ascontiguousarray(image, np.float32)
+    out = {"image": torch.from_numpy(image),  # (B, C, H, W) float32
+           "label": torch.from_numpy(np.array(b["label"], np.int64))}  # (B,)
+    # strings, as fixed-width UTF-8 bytes: batches stay tensors
+    out["caption_bytes"] = captions_to_bytes([str(c) for c in b["caption"]])  # (B, 256) uint8
+    return out
+
+
+def shard_stream(spec: Any, *, rank: int, world: int, micro: int, skipped_keys: set[str] | None = None) -> Stream:
+    """This rank's batches read from the shards in this process, in the order of `pipeline.data.stream` (the
+    order the Ray workers read; used where there is no Ray: multi-process tests, benchmarks)."""
+    from pipeline.data.stream import plain_batches
+
+    skipped = skipped_keys if skipped_keys is not None else set()
+
+    def stream(start: int, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        for _, nb in plain_batches(spec, rank=rank, world=world, micro=micro, start=start):
+            yield int(nb["epoch"][0]), batch_tensors(nb, skipped, rank)
+    return stream
 
 
 def _global_mean(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -167,7 +199,7 @@ def _all_true(flag: bool, device: torch.device) -> bool:
 
 
 def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: WorkerContext, *,
-               seed: int, cache_batches: bool = True) -> dict[str, float]:
+               seed: int) -> dict[str, float]:
     """Train `task` for `train['steps']` global steps; returns the last logged metrics.
 
     Every `checkpoint_every` steps (and at the end) a checkpoint holding the DeepSpeed state
@@ -205,6 +237,7 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
         # Not DeepSpeed's own (pickled) checkpoint: safetensors + JSON, whatever the saved topology.
         load_optimizer_state(engine, resume_tensors, resume_state)
         step, skipped = int(resume_state["step"]), int(resume_state.get("skipped", 0))
+        ctx.skipped_keys.update(resume_state.get("skipped_keys", []))
         ema.load_state_dict(load_file(str(Path(ctx.resume_dir) / EMA_FILE)))
         rng_file = Path(ctx.resume_dir) / f"rng_rank{ctx.rank}.safetensors"
         if rng_file.is_file():
@@ -222,11 +255,7 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     metrics: dict[str, float] = {}
     sums: dict[str, float] = {}
     count = 0
-    if ctx.samples is not None:
-        batches = _memory_batches(ctx.samples(), rank=ctx.rank, world=ctx.world_size, micro=micro, seed=seed,
-                                  start=step + skipped)
-    else:
-        batches = _cycle(ctx, start_epoch=step, cache=cache_batches)
+    batches = ctx.batches(step + skipped, total - step)  # the data position: one global batch per step taken
     nonfinite_in_a_row = 0
     t_log = time.perf_counter()
 
@@ -268,6 +297,8 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
             metrics["train/skipped_steps"] = float(skipped)
             elapsed = time.perf_counter() - t_log
             metrics["train/steps_per_sec"] = count / max(elapsed, 1e-9)
+            window = ctx.step_times[-count:]
+            metrics["train/data_wait"] = sum(ctx.wait_times[-count:]) / max(sum(window), 1e-9)  # share of step time
             sums, count, t_log = {}, 0, time.perf_counter()
             if ctx.rank == 0:
                 log.info("step %d/%d  %s", step, total,
@@ -282,6 +313,19 @@ def train_loop(task: Task, train: dict[str, Any], scale: dict[str, Any], ctx: Wo
     return metrics
 
 
+def _gather_skipped(ctx: WorkerContext) -> None:
+    """Every rank learns the corrupt samples any rank skipped; reported as data/skipped_samples."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, sorted(ctx.skipped_keys))
+        for keys in every:
+            ctx.skipped_keys.update(keys)
+    if ctx.skipped_keys or ctx.dataset_size is not None:
+        ctx.extra_metrics["data/skipped_samples"] = float(len(ctx.skipped_keys))
+    if ctx.dataset_size is not None:
+        ctx.extra_metrics["data/samples"] = float(ctx.dataset_size - len(ctx.skipped_keys))
+
+
 def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int, skipped: int,
                      metrics: dict[str, float], gen: torch.Generator, final: bool) -> None:
     for v in ema.state_dict().values():
@@ -289,6 +333,7 @@ def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int
             raise NonFiniteLoss(f"non-finite EMA weights at step {step}; the checkpoint is not written and "
                                 "nothing is registered. Lower train.lr or check the data")
     tensors, opt_meta = full_state(engine)  # a collective: every rank takes part
+    _gather_skipped(ctx)  # a collective too
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise NonFiniteLoss(f"non-finite weights or optimizer state at step {step}; the checkpoint is not written "
                             "and nothing is registered. Lower train.lr or check the data")
@@ -301,6 +346,7 @@ def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / TRAIN_STATE))
             (Path(tmp) / STATE).write_text(json.dumps({
                 "step": step, "skipped": skipped, "world_size": ctx.world_size,
+                "data_position": step + skipped, "skipped_keys": sorted(ctx.skipped_keys)[:10_000],
                 "zero_stage": engine.zero_optimization_stage(), **opt_meta}))
             if final:
                 name, args = task.model_recipe()
@@ -312,15 +358,13 @@ def _save_and_report(engine, ema: EMA, task: Task, ctx: WorkerContext, step: int
 
 
 def run_plain(task: Task, train: dict[str, Any], scale: dict[str, Any],
-              batches: Callable[[int], Iterator[dict[str, Any]]], *, seed: int = 0,
+              batches: Stream, *, seed: int = 0,
               checkpoint_root: str | None = None, resume_dir: str | None = None,
-              cache_batches: bool = False,
               log_metrics: Callable[[dict[str, float], int], None] | None = None,
-              samples: Callable[[], dict[str, torch.Tensor]] | None = None,
               ) -> tuple[dict[str, float], WorkerContext, list[str]]:
     """Run the loop in this process (world_size=1, no Ray). Checkpoints are copied under
-    `checkpoint_root/step-N` when given; returns (metrics, context, checkpoint dirs). With `samples`
-    (all training samples in memory) batches come from `_memory_batches`, as on the Ray path."""
+    `checkpoint_root/step-N` when given; returns (metrics, context, checkpoint dirs). `batches` is a
+    `Stream`: `tensor_stream`, `epoch_stream`, or shards read in this process (`pipeline.data.stream`)."""
     import shutil
 
     saved: list[str] = []
@@ -340,6 +384,6 @@ def run_plain(task: Task, train: dict[str, Any], scale: dict[str, Any],
             saved.append(str(dst))
 
     ctx = WorkerContext(rank=0, world_size=1, batches=batches, report=report, resume_dir=resume_dir,
-                        log_metrics=log_metrics, samples=samples)
-    metrics = train_loop(task, train, scale, ctx, seed=seed, cache_batches=cache_batches)
+                        log_metrics=log_metrics)
+    metrics = train_loop(task, train, scale, ctx, seed=seed)
     return metrics, ctx, saved

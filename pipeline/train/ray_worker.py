@@ -1,11 +1,13 @@
 """Ray Train plumbing: the per-worker entry point and the driver-side `fit_stage`.
 
-The worker builds its task from plain data, streams its Ray Data shard, and runs the same
+The worker builds its task from plain data, streams its part of every global batch through Ray Data
+(`pipeline.data.ray_data.worker_stream`), and runs the same
 `train_loop` as the plain-process path, reporting metrics and checkpoints to Ray Train.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,9 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.train.loop import WorkerContext, train_loop
+from pipeline.train.loop import WorkerContext, batch_tensors, train_loop
 
 log = logging.getLogger("pipeline.train")
 
@@ -120,22 +120,6 @@ def _metric_logger(tracking_uri: str | None, run_id: str | None, step_offset: in
     return log_metrics
 
 
-def _tensors(b: dict[str, Any]) -> dict[str, torch.Tensor]:
-    import numpy as np
-
-    def owned(a: Any, dtype: type) -> np.ndarray:  # Ray hands out read-only views
-        a = np.ascontiguousarray(a, dtype=dtype)
-        return a if a.flags.writeable else a.copy()
-
-    out = {"image": torch.from_numpy(owned(b["image"], np.float32)),  # (B, C, H, W)
-           "label": torch.from_numpy(owned(b["label"], np.int64))}  # (B,)
-    if "caption" in b:  # strings, carried as fixed-width UTF-8 bytes so batches stay tensors
-        from pipeline.models.text import captions_to_bytes
-
-        out["caption_bytes"] = captions_to_bytes([str(c) for c in b["caption"]])  # (B, 256) uint8
-    return out
-
-
 def _reraise_data_error(exc: BaseException) -> None:
     """Raise the DataError behind a Ray Data failure as itself (Ray's wrappers keep only its text)."""
     import re
@@ -151,43 +135,6 @@ def _reraise_data_error(exc: BaseException) -> None:
     m = re.search(r"^(?:[\w.]*\.)?DataError: (.+)$", text, re.MULTILINE)
     if m:
         raise DataError(m.group(1).strip()) from None
-
-
-def load_samples(shard, ctx: WorkerContext, expected: int | None) -> dict[str, torch.Tensor]:
-    """data_mode=memory: every training sample (the unsplit dataset), ordered by sample key.
-
-    The order is fixed whatever order Ray Data delivers in, so batches are a function of the seed
-    alone (`pipeline.train.loop._memory_batches`). Samples the decoder skipped as corrupt
-    (data.on_corrupt=skip) are counted against the manifest and reported as `data/skipped_samples`.
-    """
-    import numpy as np
-
-    from pipeline.data import DataError
-
-    keys: list[str] = []
-    parts: list[dict[str, torch.Tensor]] = []
-    try:
-        for b in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-            keys.extend(str(k) for k in b["key"])
-            parts.append(_tensors(b))
-    except Exception as exc:  # a corrupt sample in fail mode, raised in a Ray Data task
-        _reraise_data_error(exc)
-        raise
-    if not keys:
-        raise DataError("the training split yielded no samples (all skipped as corrupt?); check the shards")
-    if len(set(keys)) != len(keys):
-        raise DataError("the training split holds duplicate sample keys; rebuild the shards")
-    order = torch.from_numpy(np.argsort(np.asarray(keys), kind="stable"))
-    data = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0]}
-    skipped = max(0, int(expected) - len(keys)) if expected is not None else 0
-    ctx.extra_metrics["data/samples"] = float(len(keys))
-    ctx.extra_metrics["data/skipped_samples"] = float(skipped)
-    if skipped and ctx.rank == 0:
-        log.warning("%d corrupt training sample(s) skipped (data.on_corrupt=skip); training on %d of %d",
-                    skipped, len(keys), expected)
-        if ctx.log_metrics:
-            ctx.log_metrics({"data/skipped_samples": float(skipped)}, 0)
-    return data
 
 
 def worker_main(config: dict[str, Any]) -> None:
@@ -206,12 +153,19 @@ def worker_main(config: dict[str, Any]) -> None:
     task = build_task(config)
     train = config["stage"]["train"]
     micro = max(1, train["batch_size"] // world)
-    shard = rt.get_dataset_shard("train")
+    spec = config["data"]  # a pipeline.data.stream.StreamSpec
+    record = config.get("record_keys_to")  # tests: every batch's keys, to check the order (rank, batch, epoch, keys)
 
-    def batches(epoch: int):  # data_mode=stream: this worker's split, in arrival order
+    def batches(start: int, count: int):
+        from pipeline.data.ray_data import worker_stream
+
         try:
-            for b in shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy"):
-                yield _tensors(b)
+            for b, nb in worker_stream(spec, rank=rank, world=world, micro=micro, start=start, count=count):
+                if record:
+                    with open(Path(record) / f"rank{rank}.jsonl", "a") as f:
+                        f.write(json.dumps({"batch": b, "epoch": [int(e) for e in nb["epoch"]],
+                                            "keys": [str(k) for k in nb["key"]]}) + "\n")
+                yield int(nb["epoch"][0]), batch_tensors(nb, ctx.skipped_keys, ctx.rank)
         except Exception as exc:
             _reraise_data_error(exc)
             raise
@@ -219,30 +173,31 @@ def worker_main(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report,
+    ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report, dataset_size=spec.size,
                         log_metrics=_metric_logger(config.get("tracking_uri"), config.get("run_id"),
                                                    config.get("step_offset", 0)))
-    if config.get("data_mode", "memory") == "memory":
-        ctx.samples = lambda: load_samples(shard, ctx, config.get("expected_samples"))
     checkpoint = rt.get_checkpoint()
     if checkpoint is None:
-        train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"],
-                   cache_batches=config.get("cache_batches", True))
+        train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"])
         return
     with checkpoint.as_directory() as resume_dir:
         ctx.resume_dir = resume_dir
-        train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"],
-                   cache_batches=config.get("cache_batches", True))
+        train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"])
 
 
-def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: str):
+def fit_stage(config: dict[str, Any], *, run_name: str, storage_path: str):
     """Run one training stage on Ray Train; returns Ray's Result (checkpoint = final export).
+
+    `config["data"]` (a `pipeline.data.stream.StreamSpec`) says what the workers read: each streams its own
+    part of every global batch through Ray Data, in the order of `pipeline.data.stream` — not through
+    Ray Train's dataset split, whose assignment of blocks to workers follows arrival order and cannot be
+    resumed exactly (ray-project/ray issue 37633).
 
     Ray Train restarts the workers from the latest checkpoint after a worker failure, up to
     `scale.max_failures` times (-1: always), and resumes from storage when the same `run_name`
     and `storage_path` are used again (a re-run after the driver died).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Train's controller polls its workers every 2 s by default, so every stage waited on average a second at
@@ -273,10 +228,5 @@ def fit_stage(config: dict[str, Any], dataset, *, run_name: str, storage_path: s
             callbacks=callbacks,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": dataset},
-        # memory: every worker reads the whole (small) split once and slices global batches itself
-        # (deterministic, resumable exactly); stream: Ray Data splits it between the workers.
-        dataset_config=DataConfig(datasets_to_split=[] if config.get("data_mode", "memory") == "memory"
-                                  else "all"),
     )
     return trainer.fit()

@@ -82,12 +82,12 @@ def run_text_diffusion(ctx, name: str, key: str, run_id: str, data_dir: Path, nu
                        data_info: dict[str, Any]) -> tuple[Path, dict[str, float]]:
     """Stage runner for a `diffusion` stage with `conditioning: text`: train on captioned latents (or
     pixels) with Ray Train, then sample from held-out captions and measure the samples."""
-    from pipeline.data import load_split
+    from pipeline.data import TRAIN_SAMPLE_LIMIT, load_split
     from pipeline.eval.text import evaluate_text_generator
     from pipeline.stages import _fit, pixel_dataset
 
     stage = ctx.spec.stages[name]
-    captions = load_split(data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt)["caption"]
+    captions = load_split(data_dir, "train", on_corrupt=ctx.spec.data.on_corrupt, limit=TRAIN_SAMPLE_LIMIT)["caption"]
     text_encoder = resolve_text_encoder(stage.text_encoder.model_dump(), captions)
     if "vocab" in text_encoder["args"]:
         log.info("[%s] text encoder %s, word vocabulary of %d from %d training captions", name,

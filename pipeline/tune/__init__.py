@@ -93,7 +93,7 @@ def _nll_bpd(export: Path, data_dir: Path, num: int, batch_size: int, seed: int)
     model, meta = load_exported(export)
     d = meta["extra"]["diffusion"]
     s = make_schedule(d)
-    x = torch.from_numpy(load_split(data_dir, "test")["image"][:num])
+    x = torch.from_numpy(load_split(data_dir, "test", limit=num)["image"])
     null = int(meta["extra"]["num_classes"])  # the label-dropout class: the unconditional model
     g = torch.Generator().manual_seed(seed)
     out = []

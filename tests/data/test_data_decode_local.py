@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
 import shutil
@@ -155,3 +156,30 @@ def test_shape_mismatch_is_corrupt(tmp_path: Path) -> None:
     assert len(good) == 4
     with pytest.raises(DataError, match=r"image shape \(3, 8, 8\), manifest says \(3, 9, 9\)"):
         list(iter_samples([str(tmp_path / "train-000000.tar")], expected_shape=(3, 9, 9)))
+
+
+def test_load_split_limit_reads_a_bounded_prefix(digits_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`limit=k` gives exactly the first k samples of the whole read and decodes no more than k."""
+    import pipeline.data.local as local
+
+    whole = load_split(digits_dir, "train", limit=None)
+    n = len(whole["key"])
+    assert len(read_manifest(digits_dir).splits["train"].shards) >= 3
+    assert inspect.signature(load_split).parameters["limit"].default == local.HELD_OUT_LIMIT  # bounded by default
+    for k in (1, 5, 301, n, n + 10):  # 301 crosses a shard boundary (300 per shard)
+        part = load_split(digits_dir, "train", limit=k)
+        m = min(k, n)
+        assert part["key"] == whole["key"][:m] and part["caption"] == whole["caption"][:m]
+        np.testing.assert_array_equal(part["image"], whole["image"][:m])
+        np.testing.assert_array_equal(part["label"], whole["label"][:m])
+    decoded: list[str] = []
+
+    def counting(raw: dict) -> dict:
+        decoded.append(raw["__key__"])
+        return decode_sample(raw)
+
+    monkeypatch.setattr(local, "decode_sample", counting)
+    assert load_split(digits_dir, "train", limit=5)["key"] == whole["key"][:5]
+    assert decoded == whole["key"][:5]  # lazily: 5 decodes, not the whole split
+    with pytest.raises(DataError, match="limit must be >= 1"):
+        load_split(digits_dir, "train", limit=0)

@@ -341,7 +341,7 @@ def test_dit_fits_the_diffusion_task_and_samplers():
 def test_ct_step_follows_the_optimiser_through_the_loop_and_a_resume(tmp_path):
     """Under the real loop (DeepSpeed, ZeRO-1) the CT task's k is the optimiser step, also after a resume."""
     import pipeline.train.consistency_task as ct
-    from pipeline.train.loop import run_plain
+    from pipeline.train.loop import run_plain, tensor_stream
 
     seen: list[int] = []
 
@@ -359,12 +359,14 @@ def test_ct_step_follows_the_optimiser_through_the_loop_and_a_resume(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = {"image": torch.randn(32, 2, 4, 4, generator=g), "label": torch.arange(32) % 3}
 
+    stream = tensor_stream(data, rank=0, world=1, micro=8, seed=0)
+
     def task():
         t = Recording(stage, num_classes=3, data={"sample_shape": [2, 4, 4]})
         seen.clear()  # the constructor asks for the final levels, N(K)
         return t
 
-    _, _, saved = run_plain(task(), train, scale, None, samples=lambda: data, checkpoint_root=str(tmp_path))
+    _, _, saved = run_plain(task(), train, scale, stream, checkpoint_root=str(tmp_path))
     assert seen == [0, 1, 2, 3]
-    run_plain(task(), train, scale, None, samples=lambda: data, resume_dir=saved[0])  # resumed at step 2
+    run_plain(task(), train, scale, stream, resume_dir=saved[0])  # resumed at step 2
     assert seen == [2, 3]

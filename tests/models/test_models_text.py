@@ -255,14 +255,14 @@ def test_cli_sample_draws_each_caption_of_a_text_model(tmp_path):
 # ----------------------------------------------------------------------------- captions through the data path
 
 
-def test_memory_batches_keep_captions_aligned_with_images():
-    from pipeline.train.loop import _memory_batches
+def test_tensor_stream_keeps_captions_aligned_with_images():
+    from pipeline.train.loop import tensor_stream
 
     n = 12
     caps = [f"caption {i}" for i in range(n)]
     data = {"image": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), "label": torch.arange(n),
             "caption_bytes": captions_to_bytes(caps)}
-    batches = _memory_batches(data, rank=0, world=1, micro=4, seed=3, start=0)
+    batches = tensor_stream(data, rank=0, world=1, micro=4, seed=3)(0, 5)
     for _ in range(5):
         _, b = next(batches)
         got = bytes_to_captions(b["caption_bytes"])
@@ -270,13 +270,13 @@ def test_memory_batches_keep_captions_aligned_with_images():
 
 
 def test_ray_batches_carry_captions():
-    from pipeline.train.ray_worker import _tensors
+    from pipeline.train.loop import batch_tensors
 
-    b = {"image": np.zeros((2, 1, 4, 4), np.float32), "label": np.array([3, 7]),
-         "caption": np.array(["a handwritten three", "seven"], dtype=object)}
-    out = _tensors(b)
+    b = {"image": np.zeros((2, 1, 4, 4), np.uint8), "label": np.array([3, 7]), "ok": np.array([True, True]),
+         "key": np.array(["a", "b"], dtype=object), "caption": np.array(["a handwritten three", "seven"], dtype=object)}
+    out = batch_tensors(b, set())
     assert bytes_to_captions(out["caption_bytes"]) == ["a handwritten three", "seven"]
-    assert set(_tensors({"image": b["image"], "label": b["label"]})) == {"image", "label"}
+    assert out["image"].dtype == torch.float32 and float(out["image"].min()) == -1.0  # uint8 0 -> -1
 
 
 def test_text_task_drops_captions_and_builds_vocab():
@@ -373,7 +373,7 @@ def test_text_task_trains_in_the_loop_and_exports(tmp_path, encoder):
     from safetensors.torch import load_file
 
     from pipeline.train.export import load_exported
-    from pipeline.train.loop import run_plain
+    from pipeline.train.loop import run_plain, tensor_stream
     from pipeline.train.text_task import TextDiffusionTask, resolve_text_encoder
 
     n = 16
@@ -388,8 +388,8 @@ def test_text_task_trains_in_the_loop_and_exports(tmp_path, encoder):
                              text_encoder=te)
     train = {"steps": 3, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, "ema_decay": 0.9}
     scale = {"workers": 1, "gpus_per_worker": 0, "zero_stage": 1, "precision": "fp32"}
-    metrics, _, saved = run_plain(task, train, scale, lambda epoch: iter(()), checkpoint_root=str(tmp_path),
-                                  samples=lambda: samples)
+    metrics, _, saved = run_plain(task, train, scale, tensor_stream(samples, rank=0, world=1, micro=8, seed=0),
+                                  checkpoint_root=str(tmp_path))
     assert np.isfinite(metrics["train/loss"])
     export = Path(saved[-1]) / "export"
     model, meta = load_exported(export)

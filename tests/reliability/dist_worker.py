@@ -15,28 +15,26 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 
-def sorted_samples(data_dir: str) -> dict[str, torch.Tensor]:
-    """The training split in memory, ordered by sample key (as the Ray workers order it)."""
-    from pipeline.data import load_split
+def shards(data_dir: str):
+    """The training split's stream (the order every worker count reads it in)."""
+    from pipeline.data.stream import spec_for
 
-    split = load_split(data_dir, "train")
-    order = np.argsort(np.asarray(split["key"]), kind="stable")
-    return {"image": torch.from_numpy(split["image"][order]), "label": torch.from_numpy(split["label"][order])}
+    return spec_for(data_dir, "train", seed=0)
 
 
 def main(plan_path: str) -> None:
-    from pipeline.train.loop import WorkerContext, train_loop
+    from pipeline.train.loop import WorkerContext, shard_stream, train_loop
     from pipeline.train.tasks import ClassifierTask
 
     plan = json.loads(Path(plan_path).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    samples = sorted_samples(plan["data"])
+    spec = shards(plan["data"])
+    micro = plan["train"]["batch_size"] // world
     out = Path(plan["out"])
     for run in plan["runs"]:
         losses: dict[int, float] = {}
@@ -47,8 +45,8 @@ def main(plan_path: str) -> None:
                 shutil.copytree(ckpt, root / f"step-{int(metrics['step']):08d}", dirs_exist_ok=True)
             dist.barrier()
 
-        ctx = WorkerContext(rank=rank, world_size=world, batches=lambda epoch: iter(()), report=report,
-                            resume_dir=run.get("resume"), samples=lambda: samples,
+        stream = shard_stream(spec, rank=rank, world=world, micro=micro)
+        ctx = WorkerContext(rank=rank, world_size=world, batches=stream, report=report, resume_dir=run.get("resume"),
                             log_metrics=lambda m, s, losses=losses: losses.__setitem__(s, m["train/loss"]))
         scale = {"workers": world, "gpus_per_worker": 0, "zero_stage": run["zero_stage"], "precision": "fp32"}
         train_loop(ClassifierTask(plan["stage"]), plan["train"], scale, ctx, seed=0)

@@ -219,3 +219,14 @@ def test_gpu_asked_for_where_none_exists(cwd: Path, capsys, digits8: Path) -> No
     assert "stage 'classifier': scale.gpus_per_worker=1, but this machine has no GPU" in err
     assert "set stages.classifier.scale.gpus_per_worker=0 to train on CPU" in err
     assert listing(cwd) == set()
+
+
+def test_workers_that_take_every_cpu_are_refused_before_they_hang(cwd: Path, capsys, digits8: Path) -> None:
+    """Each worker streams through Ray Data tasks that need a CPU of their own; a stage whose workers take all of
+    in-process Ray's CPUs would wait for them forever."""
+    job = write_job(cwd.parent / "job.yaml", digits8)
+    rc, err = cli(capsys, "--verbose", "run", str(job), "--set", "ray.num_cpus=2")  # 2 workers × 1 CPU
+    assert rc == 2
+    assert "stage 'classifier' takes all 2 CPU of the cluster for its workers" in err
+    assert "lower stages.classifier.scale.cpus_per_worker (fractions work)" in err and "raise ray.num_cpus" in err
+    assert listing(cwd) == set()

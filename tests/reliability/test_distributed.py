@@ -1,8 +1,9 @@
 """Distributed correctness: 2 workers under ZeRO-1/2/3 follow the single-process run of the same seed
 and global batch, and checkpoints move between ZeRO stages and worker counts.
 
-Both sides see the same global batches (in-memory data: batch b is a function of the seed and b
-only), so the runs differ only in floating-point summation order: the per-worker gradient
+Both sides see the same global batches (streamed shards: global batch b is a function of the seed, b
+and the global batch size only, `pipeline.data.stream`), so the runs differ only in floating-point
+summation order: the per-worker gradient
 means are averaged by all-reduce instead of one mean over the whole batch (and ZeRO-2/3 reduce
 in buckets / partitions). TOL below is what that allows over the first steps.
 """
@@ -20,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train.loop import run_plain
+from pipeline.train.loop import run_plain, shard_stream
 from pipeline.train.tasks import ClassifierTask
-from tests.reliability.dist_worker import sorted_samples
+from tests.reliability.dist_worker import shards
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +74,12 @@ def _close(losses: dict[int, float], ref: dict[int, float], steps: range) -> Non
 
 def test_two_workers_under_zero_1_2_3_follow_one_process_and_checkpoints_cross_topologies(
         tmp_path: Path, digits8: Path) -> None:
-    samples = sorted_samples(str(digits8))
+    stream = shard_stream(shards(str(digits8)), rank=0, world=1, micro=TRAIN["batch_size"])
     task = ClassifierTask(STAGE)
     scale1 = {"workers": 1, "gpus_per_worker": 0, "zero_stage": 1, "precision": "fp32"}
 
     ref: dict[int, float] = {}
-    _, _, saved = run_plain(task, TRAIN, scale1, None, seed=0, samples=lambda: samples,
+    _, _, saved = run_plain(task, TRAIN, scale1, stream, seed=0,
                             checkpoint_root=str(tmp_path / "w1"),
                             log_metrics=lambda m, s: ref.__setitem__(s, m["train/loss"]))
     assert sorted(ref) == list(range(1, STEPS + 1)) and ref[STEPS] < ref[1]
@@ -103,7 +104,7 @@ def test_two_workers_under_zero_1_2_3_follow_one_process_and_checkpoints_cross_t
     state = json.loads((z3_ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["world_size"], state["zero_stage"]) == (EVERY, 2, 3)
     resumed: dict[int, float] = {}
-    _, ctx, saved = run_plain(task, TRAIN, scale1, None, seed=0, samples=lambda: samples, resume_dir=str(z3_ckpt),
+    _, ctx, saved = run_plain(task, TRAIN, scale1, stream, seed=0, resume_dir=str(z3_ckpt),
                               checkpoint_root=str(tmp_path / "z3_to_w1"),
                               log_metrics=lambda m, s: resumed.__setitem__(s, m["train/loss"]))
     assert len(ctx.step_times) == STEPS - EVERY
@@ -113,7 +114,7 @@ def test_two_workers_under_zero_1_2_3_follow_one_process_and_checkpoints_cross_t
     # loading is lossless: a 2-worker ZeRO-3 state loaded into one ZeRO-1 process and saved again is
     # the same state, bit for bit (weights and both Adam moments, gathered from the partitions)
     train_at = {**TRAIN, "steps": EVERY}
-    _, _, again = run_plain(task, train_at, scale1, None, seed=0, samples=lambda: samples, resume_dir=str(z3_ckpt),
+    _, _, again = run_plain(task, train_at, scale1, stream, seed=0, resume_dir=str(z3_ckpt),
                             checkpoint_root=str(tmp_path / "roundtrip"))
     before = load_file(str(z3_ckpt / "train_state.safetensors"))
     after = load_file(str(Path(again[0]) / "train_state.safetensors"))

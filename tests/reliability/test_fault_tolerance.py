@@ -1,7 +1,7 @@
 """Fault tolerance: a killed training worker, a killed driver, interrupted shard and checkpoint writing.
 
-What is deterministic: with in-memory data (the default `data_mode`), global batch b is a pure
-function of (seed, b) (`pipeline.train.loop._memory_batches`), the model starts from rank 0's
+What is deterministic: workers stream their shards in the order of `pipeline.data.stream`, where global
+batch b is a pure function of (seed, b) and the global batch size, the model starts from rank 0's
 seeded weights, every rank's RNG state is in the checkpoint, and gloo's all-reduce on a fixed
 worker count sums in a fixed order. So a run that is killed and resumed from its last checkpoint
 ends with exactly (bit for bit) the weights of an uninterrupted run with the same seed.
@@ -40,7 +40,7 @@ from tests.reliability.helpers import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def ray_local() -> Iterator[None]:
     """In-process Ray, token auth off (nothing written to ~/.ray), env restored afterwards."""
     import ray
@@ -85,28 +85,50 @@ def _history(uri: str, run_id: str) -> list[list[int]]:
     return attempts
 
 
+def _split_keys(spec) -> list[str]:
+    from pipeline.data.stream import shard_index
+
+    return [k for p in spec.paths for k in shard_index(p).keys]
+
+
+def _epoch_keys(record: Path, epoch: int) -> list[str]:
+    """The keys the workers trained on in `epoch`, from their records (rank, batch -> keys). A batch that
+    was read again after a restart must have held the same keys both times."""
+    seen: dict[tuple[str, int], tuple[list[int], list[str]]] = {}
+    for f in sorted(record.glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            got = (r["epoch"], r["keys"])
+            assert seen.setdefault((f.name, r["batch"]), got) == got, f"{f.name} batch {r['batch']} changed on re-read"
+    return [k for epochs, keys in seen.values() for e, k in zip(epochs, keys, strict=True) if e == epoch]
+
+
 def test_killed_worker_resumes_from_last_checkpoint_bit_for_bit(ray_local, tmp_path: Path, digits8: Path) -> None:
+    """Streamed data, 2 workers, one killed mid-epoch: the run resumes inside the epoch at its last checkpoint,
+    reads every sample of the epoch exactly once, and ends with the weights of an uninterrupted run."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data.ray_data import ray_dataset
+    from pipeline.data.stream import spec_for
     from pipeline.train.ray_worker import fit_stage
 
     data = tmp_path / "digits"  # one corrupt member, skipped and counted (data.on_corrupt=skip)
     shutil.copytree(digits8, data)
     corrupt_member(data / read_manifest(data).splits["train"].shards[0].name, index=7)
-    total, every = 30, 5
+    total, every = 30, 5  # 30 global batches of 64 > one epoch (1,527 samples): the kill lands inside epoch 0
     spec = load_spec(write_job(tmp_path / "job.yaml", data), [
         f"stages.classifier.train.steps={total}", f"stages.classifier.train.checkpoint_every={every}",
+        "stages.classifier.train.batch_size=64",
         "stages.classifier.train.log_every=1", "stages.classifier.scale.max_failures=1"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("ft")
+    stream = spec_for(str(data), "train", seed=0, on_corrupt="skip")
 
     def fit(name: str, kill: bool):
         run_id = client.create_run(exp).info.run_id
+        (tmp_path / name).mkdir()
         config = {"stage": spec.stages["classifier"].model_dump(mode="json"), "seed": 0, "tracking_uri": uri,
-                  "run_id": run_id, "expected_samples": read_manifest(data).splits["train"].num_samples}
-        ds = ray_dataset(data, "train", shuffle_seed=0, on_corrupt="skip").select_columns(["image", "label", "key"])
+                  "run_id": run_id, "data": stream, "record_keys_to": str(tmp_path / name)}
         killed: list[int] = []
         stop = threading.Event()
         earlier = {p.pid for p in _train_workers()}  # the clean fit's workers may still be exiting
@@ -129,7 +151,7 @@ def test_killed_worker_resumes_from_last_checkpoint_bit_for_bit(ray_local, tmp_p
         if kill:
             t.start()
         try:
-            result = fit_stage(config, ds, run_name=name, storage_path=str(tmp_path / "ray"))
+            result = fit_stage(config, run_name=name, storage_path=str(tmp_path / "ray"))
         finally:
             stop.set()
         return result, run_id, killed
@@ -163,6 +185,40 @@ def test_killed_worker_resumes_from_last_checkpoint_bit_for_bit(ray_local, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    split = sorted(_split_keys(stream))
+    for name in ("clean", "killed"):  # epoch 0, across both workers (and the restart): every sample once
+        seen = _epoch_keys(tmp_path / name, 0)
+        assert sorted(seen) == split, f"{name}: {len(seen)} reads of {len(set(seen))} keys, split {len(split)}"
+    assert sorted(_epoch_keys(tmp_path / "clean", 1)) == sorted(_epoch_keys(tmp_path / "killed", 1))
+
+
+def test_resuming_on_one_worker_instead_of_two_continues_the_epoch(ray_local, tmp_path: Path, digits8: Path) -> None:
+    """Stopped mid-epoch on 2 workers and resumed from the checkpoint on 1: the epoch goes on with exactly the
+    samples not yet read (none twice, none left out), as the same global batches."""
+    from pipeline.data.stream import spec_for
+    from pipeline.train.ray_worker import fit_stage
+
+    stream = spec_for(str(digits8), "train", seed=0)
+    record = tmp_path / "record"
+    record.mkdir()
+
+    def fit(steps: int, workers: int):
+        spec = load_spec(write_job(tmp_path / "job.yaml", digits8), [
+            f"stages.classifier.train.steps={steps}", "stages.classifier.train.checkpoint_every=10",
+            "stages.classifier.train.batch_size=64", f"stages.classifier.scale.workers={workers}"])
+        config = {"stage": spec.stages["classifier"].model_dump(mode="json"), "seed": 0, "data": stream,
+                  "record_keys_to": str(record)}
+        result = fit_stage(config, run_name="resize", storage_path=str(tmp_path / "ray"))
+        assert result.error is None
+        return result
+
+    fit(10, workers=2)  # 10 of the epoch's 24 batches, checkpoint at 10
+    assert sorted(p.name for p in record.iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    fit(25, workers=1)  # resumed from storage at step 10, on one worker
+    first = [json.loads(line)["batch"] for line in (record / "rank1.jsonl").read_text().splitlines()]
+    assert first == list(range(10))  # rank 1 existed only before the resize
+    seen = _epoch_keys(record, 0)
+    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(_split_keys(stream))
 
 
 def _two_stage_job(tmp_path: Path, data: Path) -> Path:

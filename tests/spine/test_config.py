@@ -35,12 +35,18 @@ def test_shipped_job_parses_with_every_stage():
 
 
 def test_set_overrides_any_field_with_yaml_typed_values():
-    spec = load_spec(LDM, ["stages.diffusion.train.steps=7", "stages.diffusion.scale.workers=3",
+    spec = load_spec(LDM, ["stages.diffusion.train.steps=7", "stages.diffusion.scale.workers=4",
                            "data.held_out=0.2", "stages.distill.guidance=1.5"])
     assert spec.stages["diffusion"].train.steps == 7
-    assert spec.stages["diffusion"].scale.workers == 3
+    assert spec.stages["diffusion"].scale.workers == 4
     assert spec.data.held_out == 0.2
     assert spec.stages["distill"].guidance == 1.5
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_refused():
+    with pytest.raises(SpecError, match=r"stages\.diffusion.*train.batch_size \(128\) must be a multiple of "
+                                        r"scale.workers \(3\)"):
+        load_spec(LDM, ["stages.diffusion.scale.workers=3"])
 
 
 def test_unknown_key_names_file_and_key_path(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pipeline.data import build_dataset, iterate_batches
 from pipeline.train.export import load_exported
-from pipeline.train.loop import NonFiniteLoss, run_plain
+from pipeline.train.loop import NonFiniteLoss, epoch_stream, run_plain
 from pipeline.train.tasks import AutoencoderTask, ClassifierTask
 
 AE_STAGE = {"model": {"name": "kl_vae", "args": {"in_channels": 1, "base_channels": 16, "channel_mult": [1, 2],
@@ -33,12 +33,12 @@ def digits(tmp_path_factory) -> Path:
 
 
 def _batches(d: Path):
-    return lambda epoch: iterate_batches(d, "train", 32, seed=epoch, epochs=1)
+    return epoch_stream(lambda epoch: iterate_batches(d, "train", 32, seed=epoch, epochs=1))
 
 
 def _fixed_batches(d: Path):
     batch = next(iterate_batches(d, "train", 32, shuffle=False, epochs=1))
-    return lambda epoch: iter([{"image": batch["image"], "label": batch["label"]}] * 4)
+    return epoch_stream(lambda epoch: iter([{"image": batch["image"], "label": batch["label"]}] * 4))
 
 
 def test_classifier_loss_decreases(digits):
@@ -47,7 +47,7 @@ def test_classifier_loss_decreases(digits):
     logged: list[tuple[int, float]] = []
     task = ClassifierTask(stage)
     metrics, ctx, _ = run_plain(task, _train(80, 1000, log_every=10), SCALE, _batches(digits), seed=0,
-                                cache_batches=True, log_metrics=lambda m, s: logged.append((s, m["train/loss"])))
+                                log_metrics=lambda m, s: logged.append((s, m["train/loss"])))
     assert [s for s, _ in logged] == list(range(10, 81, 10))
     first, last = logged[0][1], logged[-1][1]
     assert last < 0.6 * first, logged
