@@ -115,8 +115,37 @@ def _scales(spec: JobSpec):
             yield name, scale
 
 
+RAY_WORKING_DIR = ("runtime_resources", "working_dir_files")  # where Ray unpacks a submitted job's --working-dir
+
+
+def check_store_outlives_ray(spec: JobSpec) -> None:
+    """A submitted job runs in Ray's temporary copy of its working directory, deleted when the cluster stops:
+    an embedded MLflow store there would take every run and registered model with it."""
+    cwd = Path.cwd().resolve()
+    if not all(part in cwd.parts for part in RAY_WORKING_DIR):
+        return
+    uri = tracking.tracking_uri(spec.tracking.uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+    elif uri.startswith("file:"):
+        path = uri[len("file:"):].removeprefix("//")
+    elif "://" not in uri:  # a plain path: MLflow's file store
+        path = uri
+    else:  # a tracking server, or a database of its own
+        return
+    if Path(path).resolve().is_relative_to(cwd):
+        raise ClusterError(
+            f"this job runs in Ray's temporary copy of its working directory ({cwd}), which Ray deletes when the "
+            f"cluster stops, and its MLflow store {tracking.redact(uri)} would live there: every run and registered "
+            "model would be lost. Point MLFLOW_TRACKING_URI (or tracking.uri) at a tracking server, e.g. "
+            "ray job submit --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://HOST:5000\"}}' "
+            "... (or at sqlite:////PATH/mlflow.db on storage that outlives the cluster)")
+
+
 def preflight(spec: JobSpec) -> None:
-    """Checks that start nothing and write nothing: the Ray address answers; GPUs exist where asked for."""
+    """Checks that start nothing and write nothing: the MLflow store outlives Ray; the Ray address answers; GPUs
+    exist where asked for."""
+    check_store_outlives_ray(spec)
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)

@@ -230,3 +230,27 @@ def test_workers_that_take_every_cpu_are_refused_before_they_hang(cwd: Path, cap
     assert "stage 'classifier' takes all 2 CPU of the cluster for its workers" in err
     assert "lower stages.classifier.scale.cpus_per_worker (fractions work)" in err and "raise ray.num_cpus" in err
     assert listing(cwd) == set()
+
+
+def test_embedded_store_in_rays_temporary_working_dir_is_refused(tmp_path: Path, capsys, monkeypatch,
+                                                                 digits8: Path) -> None:
+    """`ray job submit --working-dir .` runs the job in Ray's copy of the directory, deleted with the cluster."""
+    pkg = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    pkg.mkdir(parents=True)
+    job = write_job(tmp_path / "job.yaml", digits8)
+    monkeypatch.chdir(pkg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc, err = cli(capsys, "run", str(job))
+    assert rc == 2
+    assert f"this job runs in Ray's temporary copy of its working directory ({pkg})" in err
+    assert f"its MLflow store sqlite:///{pkg}/mlflow.db would live there" in err
+    assert "Point MLFLOW_TRACKING_URI (or tracking.uri) at a tracking server" in err
+    assert listing(pkg) == set()
+
+    from pipeline.config import load_spec
+    from pipeline.stages import check_store_outlives_ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # outside: accepted
+    check_store_outlives_ray(load_spec(job))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    check_store_outlives_ray(load_spec(job))
