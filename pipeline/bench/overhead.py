@@ -2,17 +2,17 @@
 per-worker loop in one plain process with a plain optimizer; and `pipeline run` to first step.
 
 Stage: the autoencoder of `jobs/ldm.yaml` (KL-VAE, 16 px digits, batch 64, 1 torch thread),
-`--steps` steps of `pipeline.train.loop.train_loop` with the batch cache on (the default of the
-Ray path), so that after the first epoch no contender waits on data. Step times come from the
-loop's own `WorkerContext.step_times` (next batch -> optimizer step -> EMA), median of the steps
-after `--skip`. Contenders, interleaved in one process and Ray instance, `--repeats` rounds:
+`--steps` steps of `pipeline.train.loop.train_loop`; the plain contenders read the split from memory
+(`tensor_stream`), the Ray Train ones stream it (`worker_stream`, Ray Data tasks beside the step).
+Step times come from the loop's own `WorkerContext.step_times` (next batch -> optimizer step ->
+EMA), median of the steps after `--skip`. Contenders, interleaved in one process and Ray instance, `--repeats` rounds:
 
 * plain + AdamW: `run_plain` with `make_engine` swapped for a plain AdamW/warmup/clipping engine
   (same loop, same task, no DeepSpeed).
 * plain + DeepSpeed: `run_plain` as it is (one-process gloo group, DeepSpeed engine, ZeRO-1).
 * Ray Train + DeepSpeed: a `TorchTrainer` with 1 worker (the same batch per step), whose
-  per-worker function mirrors `pipeline.train.ray_worker.worker_main` (same task, Ray Data shard,
-  `train_loop`) and adds the loop's step/wait times to its final `ray.train.report`. Also gives
+  per-worker function mirrors `pipeline.train.ray_worker.worker_main` (same task, `worker_stream`,
+  `train_loop`) and writes the loop's step/wait times after its last step. Also gives
   fit() -> first step, and the workers' data-wait share.
 * Ray Train + DeepSpeed, 2 workers (the job's scale; batch 32 per worker, 2 processes on this
   machine's cores): reported for reference, not part of the overhead ratio.
@@ -121,22 +121,22 @@ SCALE: dict[str, Any] = {"gpus_per_worker": 0, "zero_stage": 1, "precision": "au
 
 
 def plain_run(data_dir: Path, steps: int, batch: int, plain_optimizer: bool) -> dict[str, Any]:
-    """The loop in this process on the local shard iterator; returns its step and wait times."""
+    """The loop in this process on the split held in memory (`tensor_stream`, so no step waits on decoding: the
+    old batch cache); returns its step and wait times."""
     import pipeline.train.loop as loop
-    from pipeline.data import iterate_batches
+    from pipeline.data import load_split
     from pipeline.train.tasks import AutoencoderTask
 
-    def batches(epoch: int):
-        for b in iterate_batches(data_dir, "train", batch, seed=epoch, epochs=1):
-            yield {"image": b["image"], "label": b["label"]}
-
+    split = load_split(data_dir, "train", limit=None)
+    data = {"image": torch.from_numpy(split["image"]), "label": torch.from_numpy(split["label"])}
     original = loop.make_engine
     if plain_optimizer:
         loop.make_engine = PlainEngine  # type: ignore[assignment]
     threads = torch.get_num_threads()
     task = TimedTask(AutoencoderTask(AE_STAGE))
     try:
-        _, ctx, _ = loop.run_plain(task, _train_cfg(steps, batch), SCALE, batches, seed=0, cache_batches=True)
+        stream = loop.tensor_stream(data, rank=0, world=1, micro=batch, seed=0)
+        _, ctx, _ = loop.run_plain(task, _train_cfg(steps, batch), SCALE, stream, seed=0)
     finally:
         loop.make_engine = original
         torch.set_num_threads(threads)
@@ -144,10 +144,12 @@ def plain_run(data_dir: Path, steps: int, batch: int, plain_optimizer: bool) -> 
 
 
 def bench_worker(config: dict[str, Any]) -> None:
-    """`worker_main` of `pipeline.train.ray_worker`, plus the loop's timings in the last report."""
+    """`worker_main` of `pipeline.train.ray_worker` (the stream of `pipeline.data.ray_data.worker_stream`), plus the
+    loop's timings written by each rank to `timings_dir/rank{r}.json` after its last step."""
     import ray.train as rt
 
-    from pipeline.train.loop import WorkerContext, train_loop
+    from pipeline.data.ray_data import worker_stream
+    from pipeline.train.loop import WorkerContext, batch_tensors, train_loop
     from pipeline.train.ray_worker import build_task, setup_worker_logging
 
     setup_worker_logging()
@@ -157,52 +159,62 @@ def bench_worker(config: dict[str, Any]) -> None:
     task = TimedTask(build_task(config))
     train = config["stage"]["train"]
     micro = max(1, train["batch_size"] // world)
-    shard = rt.get_dataset_shard("train")
-    started: list[float] = []
+    spec = config["data"]
+    first_batch: list[float] = []
 
-    def batches(epoch: int):
-        if not started:
-            started.append(time.time())
-        for b in shard.iter_torch_batches(batch_size=micro, drop_last=True,
-                                          dtypes={"image": torch.float32, "label": torch.int64}):
-            yield {"image": b["image"], "label": b["label"]}
+    def batches(start: int, count: int):
+        for _, nb in worker_stream(spec, rank=rank, world=world, micro=micro, start=start, count=count):
+            if not first_batch:
+                first_batch.append(time.time())
+            yield int(nb["epoch"][0]), batch_tensors(nb, ctx.skipped_keys, rank)
 
     ctx: WorkerContext
 
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         if int(metrics.get("step", 0)) >= int(train["steps"]):
-            metrics = {**metrics, "bench_timings": json.dumps({
+            first_step = first_batch[0] + ctx.step_times[0] - ctx.wait_times[0] if first_batch else None
+            Path(config["timings_dir"], f"rank{rank}.json").write_text(json.dumps({
                 "step_times": ctx.step_times, "wait_times": ctx.wait_times, "step_cpu": task.step_cpu(),
-                "first_step_done_unix": started[0] + ctx.step_times[0] if started else None})}
+                "first_batch_unix": first_batch[0] if first_batch else None, "first_step_done_unix": first_step}))
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report)
-    train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"], cache_batches=True)
+    ctx = WorkerContext(rank=rank, world_size=world, batches=batches, report=report, dataset_size=spec.size)
+    train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"])
 
 
-def ray_run(data_dir: Path, steps: int, batch: int, workers: int, storage: str) -> dict[str, Any]:
-    """One Ray Train fit of the stage; returns rank 0's step/wait times and fit() -> first step."""
+def ray_run(data_dir: Path, steps: int, batch: int, workers: int, storage: str, shift: int = 0) -> dict[str, Any]:
+    """One Ray Train fit of the stage streaming `data_dir` (augmentation `shift`); rank 0's step/wait times (also
+    every rank's, under `ranks`), fit() -> first batch and fit() -> first step (the later rank)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data.ray_data import ray_dataset
+    from pipeline.data.stream import spec_for
 
-    ds = ray_dataset(data_dir, "train", shuffle_seed=0).select_columns(["image", "label"])
     stage = {**AE_STAGE, "train": _train_cfg(steps, batch), "scale": {**SCALE, "workers": workers}}
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as `fit_stage` does
+    timings_dir = Path(tempfile.mkdtemp(prefix="timings-", dir=storage))
+    config = {"stage": stage, "seed": 0, "data": spec_for(str(data_dir), "train", seed=0, shift=shift),
+              "timings_dir": str(timings_dir)}
     trainer = TorchTrainer(
-        bench_worker, train_loop_config={"stage": stage, "seed": 0},
+        bench_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"bench-overhead-{time.time_ns()}", storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        torch_config=TorchConfig(backend="gloo"), datasets={"train": ds})
+        torch_config=TorchConfig(backend="gloo"))
     t0 = time.time()
     result = trainer.fit()
     wall = time.time() - t0
-    if result.error:
-        raise result.error
-    timings = json.loads(result.metrics["bench_timings"])
-    first = timings.pop("first_step_done_unix")
-    return {**timings, "fit_to_first_step_s": (first - t0) if first else float("nan"), "fit_wall_s": wall}
+    error = result.error
+    del result, trainer  # nothing of Ray's outlives ray.shutdown()
+    if error:
+        raise error
+    ranks = [json.loads((timings_dir / f"rank{r}.json").read_text()) for r in range(workers)]
+    firsts = [r.pop("first_step_done_unix") for r in ranks]
+    batches = [r.pop("first_batch_unix") for r in ranks]
+    known = [f for f in firsts if f]
+    return {**ranks[0], "ranks": ranks, "fit_wall_s": wall,
+            "fit_to_first_step_s": (max(known) - t0) if known else float("nan"),
+            "fit_to_first_batch_s": (max(b for b in batches if b) - t0) if any(batches) else float("nan")}
 
 
 def cold_start(timeout: float = 300.0) -> dict[str, float]:
@@ -305,7 +317,7 @@ def run(opts: Options) -> Report:
               "ray_train_worker_data_wait_share": rows[2]["data-wait share"],
               "ray_train_fit_to_first_step_s": rows[2]["fit() to first step (s)"]}
     notes = [f"autoencoder stage, 16 px digits, batch {a.batch}, {a.steps} steps, steady state = median step "
-             f"{a.skip + 1}..{a.steps} of each run (batch cache on), then median over runs; 1 torch thread; "
+             f"{a.skip + 1}..{a.steps} of each run, then median over runs; 1 torch thread; "
              "CPU = the training thread's CPU time per step (load-independent; misses work in other threads "
              "and processes, which wall time includes)",
              "data-wait share: sum of waits / sum of step times over steps 2..N of each run (includes the "
@@ -317,8 +329,11 @@ def run(opts: Options) -> Report:
                      "fit() to first step (s)": median(firsts), "runs": len(cs)})
         ratios["pipeline_run_to_first_step_s"] = median(firsts)
         notes.append(f"cold start detail: {cs}")
+    import gc
+
     import ray
 
+    gc.collect()  # no Ray object may outlive the instance it belongs to
     ray.shutdown()
     return Report(name="overhead", command="python -m pipeline.bench overhead",
                   columns=["contender", "wall s/step", "wall vs plain", "CPU s/step (training thread)",

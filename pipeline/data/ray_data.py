@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
-from ray.data import FileShuffleConfig
+from ray.data import ExecutionResources, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_sample
@@ -143,15 +143,43 @@ def torch_batches(
 
 # ---------------------------------------------------------------- training: one deterministic stream per worker
 
-TARGET_BYTES = 16 << 20  # decoded bytes per Ray Data task (= one block): bounds what a task holds in memory
-MAX_ROWS = 2048  # samples per task at most: small images amortise a task's fixed cost (~10-25 ms of CPU in Ray)
+# A Ray Data task costs about 15 ms of CPU besides its work (the executor, the task's wrapper, the raylet; a plain
+# Ray task costs about 1 ms), so tasks are large: about TARGET_BYTES of decoded samples, at most MAX_ROWS. What a
+# rank's stream holds in the object store is bounded: IN_FLIGHT_BLOCKS blocks queued or being made (Ray Data's
+# backpressure), PREFETCH_BLOCKS fetched ahead and the one in use; blocks shrink so that the ranks on a node keep
+# that within STORE_SHARE of its object store (a stream that overfills the store makes Ray spill to disk).
+TARGET_BYTES = 32 << 20
+MAX_ROWS = 4096
+IN_FLIGHT_BLOCKS = 3
+PREFETCH_BLOCKS = 1
+STORE_SHARE = 0.5
 
 
-def batches_per_task(spec: Any, micro: int) -> int:
-    """Global batches each Ray Data task reads for one rank: about TARGET_BYTES of decoded images (uint8 pixels;
-    latents are float32 but small), at most MAX_ROWS samples, at least one batch."""
-    sample = int(np.prod(spec.shape))
-    rows = min(MAX_ROWS, max(1, TARGET_BYTES // max(1, sample)))
+def sample_bytes(spec: Any) -> int:
+    """Decoded bytes of one sample: uint8 pixels, or float32 latents (``.npy`` members)."""
+    from pipeline.data.stream import shard_index
+
+    index = shard_index(spec.paths[0], spec.counts[0]) if spec.paths else None
+    latent = bool(index and index.members and "npy" in index.members[0])
+    return int(np.prod(spec.shape)) * (4 if latent else 1)
+
+
+def _node_store_share(world: int) -> float:
+    """STORE_SHARE of this node's object store, divided among the ranks expected on it (``world`` over the
+    nodes; all of them on one machine)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    store = next((n["Resources"].get("object_store_memory", 0) for n in nodes if n.get("NodeID") == here), 0)
+    if not store:
+        return float("inf")
+    return STORE_SHARE * store / max(1, -(-world // max(1, len(nodes))))
+
+
+def batches_per_task(spec: Any, micro: int, share: float = float("inf")) -> int:
+    """Global batches each Ray Data task reads for one rank: about TARGET_BYTES of decoded samples (less where a
+    rank's ``share`` of the object store asks for smaller blocks), at most MAX_ROWS samples, at least one batch."""
+    per_block = min(TARGET_BYTES, share / (IN_FLIGHT_BLOCKS + PREFETCH_BLOCKS + 1))
+    rows = min(MAX_ROWS, max(1, int(per_block // max(1, sample_bytes(spec)))))
     return max(1, rows // max(1, micro))
 
 
@@ -168,14 +196,16 @@ def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, c
 
     The order is :mod:`pipeline.data.stream`'s; reading, decoding and augmenting run in Ray Data tasks (one
     fused read+decode task per block of :func:`batches_per_task` batches, uint8 pixels until the worker) while
-    the worker trains, in order (``preserve_order``), with Ray Data's backpressure bounding what is in flight.
-    Batches are views of the blocks (no copy). After ``count`` batches it goes on with a new read of the
-    following ones (steps skipped for a non-finite loss consume batches too).
+    the worker trains, in order (``preserve_order``). What is in flight is bounded (see ``IN_FLIGHT_BLOCKS``):
+    memory holds a few blocks, whatever the size of the split. Batches are views of the blocks (no copy). After
+    ``count`` batches it goes on with a new read of the following ones (steps skipped for a non-finite loss
+    consume batches too).
     """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    per_task = batches_per_task(spec, micro)
+    per_task = batches_per_task(spec, micro, _node_store_share(world))
+    budget = IN_FLIGHT_BLOCKS * per_task * micro * sample_bytes(spec)
     first = start
     while True:
         n = max(count, per_task)
@@ -183,9 +213,12 @@ def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, c
         ds = ray.data.range(n, override_num_blocks=max(1, -(-n // per_task)))
         ds = ds.map_batches(_read_task, batch_size=None, batch_format="numpy", zero_copy_batch=True,
                             fn_kwargs={"spec": spec, "rank": rank, "world": world, "micro": micro, "first": first})
+        limits = ds.context.execution_options.resource_limits  # this dataset's, not the process's
+        ds.context.execution_options.resource_limits = limits.min(ExecutionResources.for_limits(
+            object_store_memory=budget))
         pending: dict[str, list[np.ndarray]] = {}
         rows = 0
-        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS):
             nums = block["batch"]
             cuts = [0, *(np.flatnonzero(nums[1:] != nums[:-1]) + 1).tolist(), len(nums)]
             for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):  # a batch's `micro` rows, in order
@@ -195,5 +228,6 @@ def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, c
                 if rows == micro:
                     yield int(nums[lo]), {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in pending.items()}
                     pending, rows = {}, 0
+            del block, nums  # the next block comes in while this one's object may go
         first += n
         count = per_task * 4

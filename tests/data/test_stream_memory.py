@@ -1,0 +1,137 @@
+"""Streaming holds a few blocks, never a split: the training stream's peak memory does not grow with the split.
+
+Two ranks (Ray actors, as Ray Train's workers are) each iterate `worker_stream` over one epoch of a split of
+128-px RGB JPEGs and convert every batch with `batch_tensors`, in an in-process Ray whose object store is capped
+at 128 MiB; a thread samples the RSS of every process of this test's tree (Ray's included) every 0.05 s. The
+large split is 4x the small one (the same shards listed 4 times: 4x the samples to read and decode, keys
+repeated). Both epochs run in one Ray instance after a warm-up stream, so they find the same processes.
+
+What an unbounded stream would do at these sizes: the large split is 12,288 x 49,152 B = 604 MB of decoded
+uint8 pixels (2.4 GB as the float32 batches the loop receives), the small one 151 MB. A stream (or a consumer)
+that gathered its split in its own memory would add at least 604 - 151 = 453 MB of private memory to the large
+run's peak (the assertion allows 250 MB; measured: within 30 MB), and 15% to the summed RSS (allowed: 10%;
+measured: 2-4%). One that gathered it in Ray's object store (a materialized split, held blocks) would make Ray
+spill: the split is 4.5x the store (allowed: 64 MiB; measured: none).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from pipeline.data.stream import StreamSpec
+from tests.reliability.helpers import ray_auth_disabled
+
+ray = pytest.importorskip("ray")
+
+SIZE = 128
+SMALL = 3072
+SHARD = 512
+MICRO = 32
+MB = 1e6
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[int]]:
+    """SMALL synthetic RGB JPEGs (smooth colour fields plus noise, so they neither compress away nor take long)
+    in shards of SHARD, written by the pipeline's shard writer."""
+    from PIL import Image
+
+    from pipeline.data.shards import _ShardWriter
+
+    out = tmp_path_factory.mktemp("stream-memory")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
+    fields = np.stack([xx, yy, 1 - xx * yy], axis=-1)  # (H, W, 3)
+    noise = rng.normal(0, 8, (16, SIZE, SIZE, 3)).astype(np.float32)
+    w = _ShardWriter(out, "train", SHARD)
+    for i in range(SMALL):
+        img = fields * rng.uniform(0, 255, 3).astype(np.float32) + noise[i % 16]
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+        w.add(f"s{i:05d}", {"jpg": buf.getvalue(), "cls": str(i % 10).encode(), "txt": b"a synthetic field"},
+              i % 10)
+    w.finish()
+    return [str(out / s.name) for s in w.shards], [s.num_samples for s in w.shards]
+
+
+@pytest.fixture(scope="module")
+def ray_small_store() -> Iterator[None]:
+    saved = os.environ.get("RAY_AUTH_MODE")
+    ray_auth_disabled()
+    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+@ray.remote(num_cpus=1)
+class Rank:
+    """One training worker's data path: `worker_stream` -> `batch_tensors`, nothing kept."""
+
+    def stream(self, spec: StreamSpec, rank: int, world: int, batches: int) -> int:
+        from pipeline.data.ray_data import worker_stream
+        from pipeline.train.loop import batch_tensors
+
+        n = 0
+        it = worker_stream(spec, rank=rank, world=world, micro=MICRO, start=0, count=batches)
+        for i, (_, nb) in enumerate(it):
+            n += len(batch_tensors(nb, set(), rank)["image"])
+            if i + 1 == batches:
+                break
+        it.close()
+        return n
+
+
+def _spilled_mib() -> int:
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    m = re.search(r"Spilled (\d+) MiB", text)
+    return int(m.group(1)) if m else 0
+
+
+def test_peak_memory_does_not_grow_with_the_split(shards, ray_small_store) -> None:
+    from pipeline.bench.data import TreeSampler
+
+    paths, counts = shards
+    small = StreamSpec(paths=tuple(paths), counts=tuple(counts), shape=(3, SIZE, SIZE), seed=0, hflip=True, shift=2)
+    large = StreamSpec(paths=tuple(paths) * 4, counts=tuple(counts) * 4, shape=(3, SIZE, SIZE), seed=0, hflip=True,
+                       shift=2)
+    ranks = [Rank.remote() for _ in range(2)]
+
+    def epoch(spec: StreamSpec, batches: int | None = None) -> int:
+        batches = batches or spec.size // (2 * MICRO)
+        return sum(ray.get([r.stream.remote(spec, k, 2, batches) for k, r in enumerate(ranks)], timeout=300))
+
+    with TreeSampler(0.05) as sampler:
+        t0 = time.time()
+        epoch(small)  # warm-up: Ray Data's task workers started, modules imported, the object store in use
+        peaks = {}
+        for name, spec in (("small", small), ("large", large)):
+            spilled = _spilled_mib()
+            t1 = sampler.mark()
+            assert epoch(spec) == spec.size // (2 * MICRO) * 2 * MICRO
+            t2 = sampler.mark()
+            peaks[name] = (sampler.peak_rss(t1, t2), sampler.peak_rss(t1, t2, "anon"), _spilled_mib() - spilled)
+        elapsed = time.time() - t0
+    (rss_s, anon_s, spill_s), (rss_l, anon_l, spill_l) = peaks["small"], peaks["large"]
+    report = (f"peak summed RSS small {rss_s / MB:.0f} MB, large {rss_l / MB:.0f} MB; private {anon_s / MB:.0f} / "
+              f"{anon_l / MB:.0f} MB; spilled {spill_s} / {spill_l} MiB; {elapsed:.0f} s")
+    print(report)
+    assert anon_l - anon_s < 250 * MB, report  # a gathered split: >= 604 MB more
+    assert rss_l < 1.10 * rss_s, report
+    assert rss_l < 6e9 and rss_s < 6e9, report  # the stated bound (the machine's Ray + 2 ranks + task workers)
+    assert spill_l < 64, report  # a split materialized in the object store would spill >= 677 MiB
