@@ -49,6 +49,13 @@ def send_output_to_log(path: Path) -> None:
 _pending: Path | None = None
 
 
+def forget_terminal() -> None:
+    """Write `stdout()`/`stderr()` to `sys.stdout`/`sys.stderr` again and drop a pending log (an in-process caller
+    running the command line once more, e.g. a test; file descriptors 1 and 2 are left as they are)."""
+    global _terminal, _pending
+    _terminal, _pending = None, None
+
+
 def log_to_file_later(path: Path) -> None:
     """Send the process's output to `path` once the job's checks have passed (`start_pending_log`): bad
     input stops with its message on the terminal and writes nothing."""

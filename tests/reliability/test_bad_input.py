@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run the `pipeline` command line in this process; returns (exit code, stderr)."""
+    from pipeline import progress
+
+    progress.forget_terminal()  # an earlier in-process run may have sent its output to a log file
     capsys.readouterr()
     try:
         rc = main(list(argv))
