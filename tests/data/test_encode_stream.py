@@ -4,7 +4,6 @@ independent in-process encoding (every key once, the right arrays, the right sca
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from pipeline.data import DataError, build_dataset, load_split, read_manifest, verify_shards, write_array_shard
 from pipeline.data.local import iter_tar_samples
 from pipeline.train.export import export_weights, load_exported
-from tests.reliability.helpers import ray_auth_disabled
+from tests.reliability.helpers import local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -28,18 +27,8 @@ def ray_local() -> Iterator[None]:
     """A small in-process Ray (4 CPUs) without token auth, per test (tests/conftest.py shuts Ray down after
     each; a module-wide one would leave later tests on an auto-started Ray of this machine's 2 CPUs, where a
     2-actor pool starves the read tasks); the environment is restored afterwards."""
-    saved = os.environ.get("RAY_AUTH_MODE")
-    ray_auth_disabled()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray(num_cpus=4):
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")

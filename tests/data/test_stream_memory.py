@@ -22,7 +22,6 @@ gathering were tried (a consumer keeping every batch it received, as views and a
 from __future__ import annotations
 
 import io
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.stream import StreamSpec
-from tests.reliability.helpers import ray_auth_disabled
+from tests.reliability.helpers import local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -68,18 +67,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[in
 
 @pytest.fixture(scope="module")
 def ray_small_store() -> Iterator[None]:
-    saved = os.environ.get("RAY_AUTH_MODE")
-    ray_auth_disabled()
-    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    try:
+    with local_ray(num_cpus=4, object_store_memory=128 * 2**20,
+                   runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}):
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @ray.remote(num_cpus=1)

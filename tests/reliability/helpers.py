@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -55,6 +58,26 @@ def ray_auth_disabled() -> None:
     except ImportError:  # a Ray without the helper: nothing cached to reset
         return
     reset_auth_token_state()
+
+
+@contextmanager
+def local_ray(**init_kwargs: Any) -> Iterator[None]:
+    """An in-process Ray without token auth (`ray.init(address="local", **init_kwargs)`), progress bars off;
+    shut down and RAY_AUTH_MODE restored afterwards."""
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    ray_auth_disabled()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def corrupt_member(tar_path: Path, suffix: str = ".png", index: int = 0) -> str:

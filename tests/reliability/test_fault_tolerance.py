@@ -30,8 +30,8 @@ from pipeline.data.shards import read_manifest
 from tests.reliability.helpers import (
     clean_env,
     corrupt_member,
+    local_ray,
     pipeline_cmd,
-    ray_auth_disabled,
     run_log,
     run_pipeline,
     write_job,
@@ -43,21 +43,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def ray_local() -> Iterator[None]:
     """In-process Ray, token auth off (nothing written to ~/.ray), env restored afterwards."""
-    import ray
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    ray_auth_disabled()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray(num_cpus=8, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}}):
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def _train_workers() -> list[psutil.Process]:
