@@ -601,9 +601,12 @@ class DataSpec(_Strict):
     """Where the training data comes from: a bundled source or existing shards."""
 
     source: str = "digits"
-    dir: str = "data/digits"
+    dir: str = "data/digits"  # a local directory or a URI (s3://bucket/prefix, gs://..., see pipeline.data.storage)
+    # source "shards": shards without a manifest (img2dataset's) need it; their images are resized (shorter side)
+    # and cropped to it, and so are our shards when it differs from their written size
     image_size: int | None = Field(None, ge=4)
-    held_out: float = Field(0.15, gt=0, lt=1)
+    crop: Literal["center", "random"] = "center"  # where resized training images are cropped; held-out: center
+    held_out: float = Field(0.15, gt=0, lt=1)  # shards without a manifest: the last ceil(held_out x n) shards
     shard_size: int = Field(512, ge=1)
     shuffle_shards: int = Field(16, ge=1)  # shards whose samples are shuffled together, each epoch anew
     on_corrupt: Literal["skip", "fail"] = "fail"
@@ -778,11 +781,18 @@ def _check_files(spec: JobSpec, source: str) -> None:
         path = Path(spec.data.source.split(":", 1)[1])
         if not path.is_dir():
             raise SpecError(f"{source}: data.source: image folder '{path}' does not exist")
-    if spec.data.source == "shards" and not (Path(spec.data.dir) / "manifest.json").is_file():
-        raise SpecError(
-            f"{source}: data.dir: no shards at '{spec.data.dir}' (manifest.json missing); "
-            "build them with `pipeline data build`"
-        )
+    if spec.data.source == "shards" and "://" not in spec.data.dir and not (
+            Path(spec.data.dir) / "manifest.json").is_file():
+        from pipeline.data.shards import unfinished_build
+
+        tars = sorted(p.name for p in Path(spec.data.dir).glob("*.tar"))
+        if not tars or unfinished_build(tars) or spec.data.image_size is None:
+            raise SpecError(
+                f"{source}: data.dir: no shards at '{spec.data.dir}' (manifest.json missing); "
+                "build them with `pipeline data build`"
+                + ("; to train on shards written elsewhere (e.g. by img2dataset), set data.image_size"
+                   if tars and not unfinished_build(tars) else "")
+            )
 
 
 def read_yaml(path: str | Path, what: str = "job file") -> Any:

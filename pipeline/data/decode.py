@@ -17,12 +17,12 @@ from pipeline.data.errors import DataError
 
 OnCorrupt = Literal["skip", "fail"]
 
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 KNOWN_EXTS = (*IMAGE_EXTS, "npy", "cls", "txt", "json")
 
 
 def decode_image_u8(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (C, H, W)."""
+    """PNG/JPEG/WebP bytes -> uint8 (C, H, W)."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         if im.mode not in ("L", "RGB"):
@@ -106,6 +106,41 @@ def check_decoded(
             f"sample {sample['key']} in shard {shard}: image shape {tuple(sample['image'].shape)}, "
             f"manifest says {tuple(expected_shape)}"
         )
+    return sample
+
+
+def fit_image(image: np.ndarray, shape: tuple[int, int, int], draw: int | None = None) -> np.ndarray:
+    """uint8 (C, H, W) of any size -> uint8 ``shape`` (C', S, S): converted to L (C'=1) or RGB (C'=3), the shorter
+    side resized to S (bicubic, antialiased), then an S x S crop: at the center (``draw`` None), or at the offset
+    ``(draw mod (dy+1), (draw >> 32) mod (dx+1))`` (``dy, dx`` the slack of the resized image)."""
+    c, size = shape[0], shape[1]
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[0]]
+    pil = Image.fromarray(np.ascontiguousarray(image[0] if mode == "L" else image.transpose(1, 2, 0)), mode=mode)
+    pil = pil.convert("L" if c == 1 else "RGB")
+    h, w = pil.height, pil.width
+    nh, nw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+    if (nh, nw) != (h, w):
+        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
+    dy, dx = nh - size, nw - size
+    y, x = (dy // 2, dx // 2) if draw is None else (draw % (dy + 1), (draw >> 32) % (dx + 1))
+    arr = np.asarray(pil.crop((x, y, x + size, y + size)), dtype=np.uint8)
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
+
+def decode_fitted(members: dict[str, Any], shape: tuple[int, ...], *, resize: bool, default_label: int | None,
+                  draw: int | None = None, uint8: bool = False) -> dict[str, Any]:
+    """:func:`decode_sample` for a manifest that does not promise sizes (``resize``: images go through
+    :func:`fit_image` to ``shape`` with ``draw``) or labels (``default_label`` for a sample without ``.cls``)."""
+    if not resize and default_label is None:
+        return decode_sample(members, uint8=uint8)
+    sample = decode_sample(members, uint8=True)
+    image = sample.get("image")
+    if image is not None and image.dtype == np.uint8:
+        sample["image"] = fit_image(image, shape, draw) if resize else image  # type: ignore[arg-type]
+        if not uint8:
+            sample["image"] = to_unit_range(sample["image"])
+    if default_label is not None:
+        sample.setdefault("label", default_label)
     return sample
 
 

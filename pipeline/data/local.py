@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.decode import OnCorrupt, check_decoded, check_on_corrupt, decode_sample
+from pipeline.data import storage
+from pipeline.data.decode import OnCorrupt, check_decoded, check_on_corrupt, decode_fitted, decode_sample
 from pipeline.data.errors import DataError
 from pipeline.data.shards import expected_chw, read_manifest, shard_paths
 
@@ -31,13 +32,15 @@ class ReadStats:
 def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar: ``{"__key__", "__url__", ext: bytes, ...}``, grouped by key.
 
-    The key is a member's name up to its first dot; a sample's members must be contiguous.
+    The key is a member's name up to its first dot; a sample's members must be contiguous. ``path`` may be a
+    URI (one sequential read).
     """
     url = str(path)
     current: dict[str, Any] | None = None
     seen: set[str] = set()
+    remote = storage.open_stream(url) if storage.is_uri(url) else None
     try:
-        with tarfile.open(url, mode="r|") as tar:
+        with tarfile.open(url if remote is None else None, mode="r|", fileobj=remote) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
@@ -56,8 +59,11 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
                 current[ext] = f.read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(
-            f"shard {url} is unreadable ({type(e).__name__}: {e}); verify or rebuild the dataset"
+            f"shard {storage.display(url)} is unreadable ({type(e).__name__}: {e}); verify or rebuild the dataset"
         ) from e
+    finally:
+        if remote is not None:
+            remote.close()
     if current is not None:
         yield current
 
@@ -68,18 +74,23 @@ def iter_samples(
     on_corrupt: OnCorrupt = "fail",
     stats: ReadStats | None = None,
     expected_shape: tuple[int, ...] | None = None,
+    resize: bool = False,
+    default_label: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Decoded samples of ``paths`` in order; corrupt ones raise or are skipped and counted.
 
     A sample without image or label, or (given ``expected_shape``, CHW) with an image of
-    another shape, counts as corrupt.
+    another shape, counts as corrupt. With ``resize`` (and ``expected_shape``), images are resized and
+    center-cropped to it (``decode.fit_image``); ``default_label`` is the label of a sample without one.
     """
     check_on_corrupt(on_corrupt)
     stats = stats if stats is not None else ReadStats()
     for path in paths:
         for raw in iter_tar_samples(path):
             try:
-                s = check_decoded(decode_sample(raw), path, expected_shape)
+                fitted = resize or default_label is not None
+                s = check_decoded(decode_fitted(raw, expected_shape or (), resize=resize, default_label=default_label)
+                                  if fitted else decode_sample(raw), path, expected_shape)
             except DataError as e:
                 if on_corrupt == "fail":
                     raise
@@ -142,7 +153,8 @@ def iterate_batches(
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     check_on_corrupt(on_corrupt)
     paths = shard_paths(directory, split)
-    shape = expected_chw(read_manifest(directory))
+    manifest = read_manifest(directory)
+    shape = expected_chw(manifest)
     if not paths:
         raise DataError(f"split {split!r} of {directory} has no shards")
     stats = stats if stats is not None else ReadStats()
@@ -150,7 +162,8 @@ def iterate_batches(
     while epochs is None or epoch < epochs:
         rng = np.random.default_rng([seed, epoch])
         order = [paths[i] for i in rng.permutation(len(paths))] if shuffle else paths
-        it = iter_samples(order, on_corrupt=on_corrupt, stats=stats, expected_shape=shape)
+        it = iter_samples(order, on_corrupt=on_corrupt, stats=stats, expected_shape=shape, resize=manifest.resize,
+                          default_label=manifest.default_label)
         if shuffle:
             it = _shuffled(it, rng, shuffle_buffer)
         n_batches = 0
@@ -183,7 +196,8 @@ TRAIN_SAMPLE_LIMIT = 4096
 def load_split(
     directory: str | Path, split: str, *, on_corrupt: OnCorrupt = "fail", limit: int | None = HELD_OUT_LIMIT
 ) -> dict[str, Any]:
-    """The first ``limit`` samples of a split in memory, in shard order, for evaluation.
+    """The first ``limit`` samples of a split in memory, in shard order, for evaluation (images of any size
+    resized and center-cropped where the manifest says so: never a random crop).
 
     Reading stops after ``limit`` decoded samples (default :data:`HELD_OUT_LIMIT`); ``limit=None`` reads
     the whole split (small data and tests only). Returns ``{"image": (N, C, H, W) float32 ndarray,
@@ -195,9 +209,10 @@ def load_split(
     if limit is not None and limit < 1:
         raise DataError(f"limit must be >= 1 (or None for the whole split), got {limit}")
     stats = ReadStats()
-    shape = expected_chw(read_manifest(directory))
+    manifest = read_manifest(directory)
     paths = shard_paths(directory, split)
-    samples = list(islice(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=shape), limit))
+    samples = list(islice(iter_samples(paths, on_corrupt=on_corrupt, stats=stats, expected_shape=expected_chw(manifest),
+                                       resize=manifest.resize, default_label=manifest.default_label), limit))
     if not samples:
         raise DataError(f"split {split!r} of {directory} has no samples")
     out = {

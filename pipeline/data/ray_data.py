@@ -18,7 +18,7 @@ import ray.data
 from ray.data import ExecutionResources, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_sample
+from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_fitted
 from pipeline.data.errors import DataError
 from pipeline.data.shards import expected_chw, read_manifest, shard_paths
 
@@ -30,9 +30,11 @@ def _is_member(value: Any) -> bool:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, on_corrupt: OnCorrupt, expected_shape: tuple[int, ...]
+    batch: dict[str, np.ndarray], *, on_corrupt: OnCorrupt, expected_shape: tuple[int, ...], resize: bool = False,
+    default_label: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Raw WebDataset rows (``__key__``, ``__url__``, ext -> bytes) to decoded columns.
+    """Raw WebDataset rows (``__key__``, ``__url__``, ext -> bytes) to decoded columns (``resize``: images of any
+    size center-cropped to ``expected_shape``; ``default_label``: the label of a row without one).
 
     Returns ``{"image": (B, C, H, W) float32, "label": (B,) int64, "caption": (B,) str,
     "key": (B,) str}``; in skip mode, corrupt rows are dropped and logged with their count.
@@ -43,7 +45,8 @@ def decode_batch(
     for i in range(len(keys)):
         members = {c: batch[c][i] for c in cols if c.startswith("__") or _is_member(batch[c][i])}
         try:
-            s = check_decoded(decode_sample(members), str(members.get("__url__", "?")), expected_shape)
+            s = check_decoded(decode_fitted(members, expected_shape, resize=resize, default_label=default_label),
+                              str(members.get("__url__", "?")), expected_shape)
         except DataError as e:
             if on_corrupt == "fail":
                 raise
@@ -93,7 +96,8 @@ def ray_dataset(
         decode_batch,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"on_corrupt": on_corrupt, "expected_shape": expected_chw(manifest)},
+        fn_kwargs={"on_corrupt": on_corrupt, "expected_shape": expected_chw(manifest), "resize": manifest.resize,
+                   "default_label": manifest.default_label},
     )
 
 

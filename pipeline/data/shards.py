@@ -4,6 +4,12 @@ A dataset directory holds ``train-000000.tar ...``, ``test-000000.tar ...`` and
 ``manifest.json``, written last. Each shard is written under a hidden temporary name in
 the same directory, fsynced and only then renamed into place, so a file with a final
 name is always complete; a directory without ``manifest.json`` is an unfinished build.
+
+Shards written elsewhere (img2dataset and the like: ``*.tar`` of ``<key>.jpg|png|webp`` + ``.txt`` + ``.json``,
+``.cls`` optional, no manifest) are counted by :func:`foreign_manifest` into a manifest of the same model, cached
+on the driver's disk (never beside the shards) with ``root`` naming where the shards are and ``resize`` set:
+their images are resized and cropped to the job's size as they are read. A dataset is named by its directory
+(local, or a URI: see :mod:`pipeline.data.storage`) or by such a manifest file.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -24,6 +31,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import __version__
+from pipeline.data import storage
 from pipeline.data.errors import DataError
 from pipeline.data.sources import Sample, iter_source, source_classes
 
@@ -45,7 +53,7 @@ class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     num_samples: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")  # None: counted, not written here (not hashed)
     bytes: int = Field(ge=0)
 
 
@@ -65,8 +73,11 @@ class Manifest(BaseModel):
     format: Literal["genpipe-shards/1"] = MANIFEST_FORMAT
     source: str
     created_by: str = f"genpipe {__version__}"
-    encoding: Literal["png", "npy"] = "png"  # member holding the image / latent
+    encoding: Literal["png", "npy", "image"] = "png"  # member holding the image / latent ("image": jpg|png|webp)
     image_size: list[int] = Field(min_length=3, max_length=3)  # [H, W, C]; for latents the array is (C, H, W)
+    root: str | None = None  # the shards' directory (path or URI) when this manifest is not beside them
+    resize: bool = False  # images of any size, resized + cropped to image_size as they are read (decode.fit_image)
+    default_label: int | None = None  # the label of a sample without a .cls member (None: it is corrupt)
     num_classes: int = Field(ge=0)
     class_names: list[str] | None = None
     seed: int | None = None
@@ -423,32 +434,61 @@ def _remove_stale(out: Path, manifest: Manifest) -> None:
 
 # ---------------------------------------------------------------- reading / checking
 
+MANIFEST_CACHE = ".pipeline/manifests"  # counted / relocated manifests, on the driver's disk
+_OUR_SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+
+
+def unfinished_build(names: list[str]) -> bool:
+    """True when tar names (without a manifest) are those `pipeline data build` writes: an interrupted build."""
+    return bool(names) and all(_OUR_SHARD_RE.match(n) for n in names)
+
+
+def _manifest_file(directory: str | Path) -> tuple[str, str] | None:
+    """(manifest file, shard root) of a dataset named by a manifest file itself, else None."""
+    d = str(directory)
+    if d.endswith(".json") and not storage.is_uri(d) and os.path.isfile(d):
+        return d, os.path.dirname(os.path.abspath(d))
+    return None
+
+
+def _missing_manifest(d: str) -> DataError:
+    if not storage.is_dir(d):
+        return DataError(f"dataset directory {storage.display(d)} does not exist; build it with "
+                         f"`pipeline data build --out {d}`")
+    tars = [name for name, _ in storage.list_files(d, ".tar")]
+    if not tars:
+        return DataError(f"{storage.display(d)} holds no shards and no {MANIFEST}; build it with "
+                         f"`pipeline data build --out {d}`")
+    if unfinished_build(tars):
+        return DataError(f"{storage.display(d)} has {len(tars)} shard(s) but no {MANIFEST}: an unfinished or "
+                         "interrupted build; rebuild it with `pipeline data build`")
+    return DataError(f"{storage.display(d)} has {len(tars)} shard(s) but no {MANIFEST}: shards written elsewhere "
+                     "(e.g. by img2dataset) are read with data.source: shards and data.image_size set")
+
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """Read and check ``manifest.json``: every listed shard must exist with its recorded size."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise DataError(
-            f"dataset directory {d} does not exist; build it with `pipeline data build --out {d}`"
-        )
-    path = d / MANIFEST
-    if not path.is_file():
-        tars = sorted(p.name for p in d.glob("*.tar"))
-        if not tars:
-            raise DataError(
-                f"{d} holds no shards and no {MANIFEST}; build it with `pipeline data build --out {d}`"
-            )
-        raise DataError(
-            f"{d} has {len(tars)} shard(s) but no {MANIFEST}: an unfinished or interrupted build; "
-            "rebuild it with `pipeline data build`"
-        )
+    """Read and check a dataset's manifest: every listed shard must exist with its recorded size.
+
+    ``directory`` holds ``manifest.json`` (a local path or a URI), or is a manifest file whose ``root`` says where
+    the shards are (what :func:`open_dataset` writes).
+    """
+    located = _manifest_file(directory)
+    if located is not None:
+        path, root = located
+    else:
+        root = str(directory)
+        path = storage.join(root, MANIFEST)
+        if storage.file_size(path) is None:
+            raise _missing_manifest(root)
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        manifest = Manifest.model_validate_json(storage.read_bytes(path))
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()[:5]
         )
-        raise DataError(f"malformed {path}: {problems}") from e
+        raise DataError(f"malformed {storage.display(path)}: {problems}") from e
+    path = storage.display(path)
+    root = manifest.root or root
     shards = [sh for sp in manifest.splits.values() for sh in sp.shards]
     if not shards:
         raise DataError(f"{path} lists no shards; rebuild the dataset")
@@ -457,51 +497,164 @@ def read_manifest(directory: str | Path) -> Manifest:
             raise DataError(
                 f"malformed {path}: split {split} shard sample counts do not add up to num_samples"
             )
+    listed = dict(storage.list_files(root, ".tar")) if storage.is_uri(root) else None  # one listing, not a request
     for sh in shards:
-        p = d / sh.name
-        if not p.is_file():
-            raise DataError(f"shard {sh.name} listed in {path} is missing from {d}; rebuild the dataset")
-        size = p.stat().st_size
+        p = storage.join(root, sh.name)
+        size = listed.get(sh.name) if listed is not None else storage.file_size(p)
+        if size is None:
+            raise DataError(f"shard {sh.name} listed in {path} is missing from {storage.display(root)}; "
+                            "rebuild the dataset")
         if size != sh.bytes:
-            raise DataError(f"shard {p} has {size} bytes, {path} says {sh.bytes}; rebuild the dataset")
+            raise DataError(f"shard {storage.display(p)} has {size} bytes, {path} says {sh.bytes}; "
+                            "rebuild the dataset")
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_stream(str(path)) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
 def verify_shards(directory: str | Path) -> Manifest:
-    """Recompute every shard's sha256; raise :class:`DataError` naming the first that differs."""
-    d = Path(directory)
-    manifest = read_manifest(d)
-    for sp in manifest.splits.values():
-        for sh in sp.shards:
-            got = _sha256_file(d / sh.name)
+    """Recompute every shard's sha256; raise :class:`DataError` naming the first that differs.
+
+    Shards counted rather than written here (no recorded sha256) are checked for size only."""
+    manifest = read_manifest(directory)
+    for split in manifest.splits:
+        for sh, path in zip(manifest.splits[split].shards, shard_paths(directory, split), strict=True):
+            if sh.sha256 is None:
+                continue
+            got = _sha256_file(path)
             if got != sh.sha256:
                 raise DataError(
-                    f"shard {d / sh.name} is corrupt: sha256 {got}, manifest says {sh.sha256}; "
+                    f"shard {storage.display(path)} is corrupt: sha256 {got}, manifest says {sh.sha256}; "
                     "rebuild the dataset"
                 )
     return manifest
 
 
 def manifest_sha256(directory: str | Path) -> str:
-    """sha256 of the ``manifest.json`` bytes: the dataset's lineage id."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {directory}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of the manifest's bytes: the dataset's lineage id."""
+    located = _manifest_file(directory)
+    path = located[0] if located else storage.join(str(directory), MANIFEST)
+    if storage.file_size(path) is None:
+        raise DataError(f"no {MANIFEST} in {storage.display(str(directory))}")
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def shard_paths(directory: str | Path, split: str) -> list[str]:
-    """Absolute paths of ``split``'s shards, in manifest order."""
-    d = Path(directory).resolve()
-    manifest = read_manifest(d)
+    """Absolute paths (or URIs) of ``split``'s shards, in manifest order."""
+    located = _manifest_file(directory)
+    manifest = read_manifest(directory)
+    if located is not None:
+        root = manifest.root or located[1]
+    else:
+        root = str(directory) if storage.is_uri(directory) else str(Path(directory).resolve())
     if split not in manifest.splits:
-        raise DataError(f"{d} has no split {split!r}; splits: {', '.join(manifest.splits)}")
-    return [str(d / sh.name) for sh in manifest.splits[split].shards]
+        raise DataError(f"{storage.display(root)} has no split {split!r}; splits: {', '.join(manifest.splits)}")
+    return [storage.join(root, sh.name) for sh in manifest.splits[split].shards]
+
+
+# ---------------------------------------------------------------- shards written elsewhere, shards in a bucket
+
+
+def _absolute(root: str) -> str:
+    return root.rstrip("/") if storage.is_uri(root) else str(Path(root).resolve())
+
+
+def _cache_path(key: Any, cache_dir: str | Path) -> Path:
+    """``cache_dir/<sha256 of key>.json``."""
+    return Path(cache_dir).resolve() / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()}.json"
+
+
+def _cache(manifest: Manifest, key: Any, cache_dir: str | Path) -> Path:
+    """``manifest`` written as :func:`_cache_path` (atomically); its path."""
+    path = _cache_path(key, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(manifest.model_dump(mode="json"), indent=2).encode("utf-8") + b"\n"
+    if not path.is_file() or path.read_bytes() != data:
+        _atomic_write_bytes(path, data)
+    return path
+
+
+def count_shards(root: str, *, image_size: int, held_out: float, tars: list[tuple[str, int]] | None = None
+                 ) -> Manifest:
+    """A manifest for shards without one, counted from their tar headers (and ``.cls`` members).
+
+    Held-out split: the last ``ceil(held_out * n)`` shards in name order (at least one shard stays for
+    training). Labels: ``.cls`` where present, else 0; ``num_classes`` = largest label + 1. Images are read as
+    RGB, resized and cropped to ``image_size`` (``resize``).
+    """
+    from pipeline.data.stream import shard_index
+
+    root = _absolute(root)
+    tars = storage.list_files(root, ".tar") if tars is None else tars
+    if not tars:
+        raise DataError(f"{storage.display(root)} holds no *.tar shards; point data.dir at a directory (or bucket "
+                        "prefix) of WebDataset shards")
+    if len(tars) < 2:
+        raise DataError(f"{storage.display(root)} holds only one shard ({tars[0][0]}); the held-out split is made "
+                        "of whole shards (the last ceil(data.held_out x n) by name), so at least 2 are needed: "
+                        "write the data into more shards")
+    n_test = min(len(tars) - 1, max(1, math.ceil(held_out * len(tars))))
+    splits: dict[str, SplitInfo] = {}
+    num_classes = 1
+    for split, part in (("train", tars[:len(tars) - n_test]), ("test", tars[len(tars) - n_test:])):
+        labels: dict[int, int] = {}
+        infos = []
+        for name, size in part:
+            index = shard_index(storage.join(root, name), with_labels=True)
+            for label in index.labels:
+                labels[label] = labels.get(label, 0) + 1
+            infos.append(ShardInfo(name=name, num_samples=len(index.keys), sha256=None, bytes=size))
+        num_classes = max(num_classes, max(labels, default=0) + 1)
+        splits[split] = SplitInfo(num_samples=sum(labels.values()), labels=dict(sorted(labels.items())),
+                                  shards=infos)
+    log.info("counted %s: %s", storage.display(root),
+             ", ".join(f"{k} {v.num_samples} samples in {len(v.shards)} shards" for k, v in splits.items()))
+    return Manifest(source="webdataset", encoding="image", image_size=[image_size, image_size, 3],
+                    num_classes=num_classes, held_out=held_out, splits=splits, root=root, resize=True,
+                    default_label=0)
+
+
+def open_dataset(directory: str, *, image_size: int | None, held_out: float,
+                 cache_dir: str | Path = MANIFEST_CACHE) -> Path:
+    """The name the readers take for the shards at ``directory`` (a local path or a URI).
+
+    Our shards on local disk at their written size: ``directory`` itself. Otherwise a manifest file in
+    ``cache_dir`` (on this machine, never beside the shards) whose ``root`` is ``directory``: our manifest read
+    from a bucket, our shards to be resized to ``image_size``, or shards without a manifest (img2dataset's)
+    counted by :func:`count_shards` (cached under the sha256 of the directory, its shards' names and sizes and
+    the job's ``image_size`` and ``held_out``: a changed shard set is counted again).
+    """
+    root = _absolute(directory)
+    if storage.file_size(storage.join(root, MANIFEST)) is not None:
+        manifest = read_manifest(root)
+        side = [image_size, image_size] if image_size else manifest.image_size[:2]
+        resize = manifest.encoding != "npy" and side != manifest.image_size[:2]
+        if not storage.is_uri(directory) and not resize:
+            return Path(directory)
+        relocated = manifest.model_copy(update={"root": root, "resize": manifest.resize or resize,
+                                                "image_size": [*side, manifest.image_size[2]]})
+        return _cache(relocated, [root, manifest_sha256(root), side], cache_dir)
+    if not storage.is_dir(root):
+        raise DataError(f"data.dir {storage.display(directory)} does not exist (or cannot be listed); point "
+                        "data.dir at a directory or bucket prefix of shards")
+    tars = storage.list_files(root, ".tar")
+    if not tars or unfinished_build([n for n, _ in tars]):
+        raise _missing_manifest(root)
+    if image_size is None:
+        raise DataError(f"{storage.display(directory)} holds {len(tars)} shard(s) without a {MANIFEST}: set "
+                        "data.image_size (the side images are resized and cropped to, e.g. 256) to train on them")
+    key = [root, tars, image_size, held_out]
+    cached = _cache_path(key, cache_dir)
+    if cached.is_file():
+        try:
+            Manifest.model_validate_json(cached.read_bytes())
+            return cached
+        except ValidationError:
+            log.warning("recounting %s: its cached manifest %s is malformed", storage.display(root), cached)
+    return _cache(count_shards(root, image_size=image_size, held_out=held_out, tars=tars), key, cache_dir)

@@ -15,7 +15,11 @@ cuts the permuted list into windows of ``window`` shards and permutes the sample
 - a rank reads only its own samples: it seeks to their members in the shard (a tar index), never
   re-reading the consumed part of an epoch, and memory holds a few batches, never a split.
 
-Augmentation is drawn per sample from ``(seed, epoch, key)``: fresh every epoch, reproducible.
+Augmentation is drawn per sample from ``(seed, epoch, key)``: fresh every epoch, reproducible; so is the random
+crop of images of any size (``resize``, shards written elsewhere), which held-out reads never take.
+
+A shard is a local path or a URI (:mod:`pipeline.data.storage`): a remote tar's index is one sequential read of
+the shard, a sample one ranged read.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import logging
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, decode_sample
+from pipeline.data import storage
+from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, decode_fitted
 from pipeline.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,9 @@ class StreamSpec:
     on_corrupt: OnCorrupt = "fail"
     hflip: bool = False  # augmentation (pixel data only)
     shift: int = 0
+    resize: bool = False  # images of any size: resized and cropped to `shape` (decode.fit_image)
+    crop: Literal["center", "random"] = "center"  # where, with `resize`: random is drawn from (seed, epoch, key)
+    default_label: int | None = None  # the label of a sample without a .cls member (None: it is corrupt)
 
     @property
     def size(self) -> int:
@@ -62,6 +70,7 @@ class SampleIndex:
 
     keys: tuple[str, ...]
     members: tuple[dict[str, tuple[int, int]], ...]
+    labels: tuple[int, ...] = ()  # with_labels: each sample's .cls (or 0)
 
 
 def _seed(*parts: int) -> np.random.SeedSequence:
@@ -103,14 +112,24 @@ def locate(spec: StreamSpec, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shard, ids - starts[shard]
 
 
+def _open_tar(path: str) -> tarfile.TarFile:
+    """A local tar read by seeking from header to header; a remote one as one sequential, buffered stream."""
+    if storage.is_uri(path):
+        return tarfile.open(fileobj=storage.open_stream(path), mode="r|")
+    return tarfile.open(path, mode="r:")
+
+
 @lru_cache(maxsize=64)
-def shard_index(path: str, expected: int | None = None) -> SampleIndex:
-    """Scan a tar's headers (not its data) for where each sample's members lie."""
+def shard_index(path: str, expected: int | None = None, with_labels: bool = False) -> SampleIndex:
+    """Scan a tar's headers (not its data) for where each sample's members lie (``with_labels``: and read its
+    ``.cls`` members, 0 where a sample has none)."""
     keys: list[str] = []
     seen: set[str] = set()
     members: list[dict[str, tuple[int, int]]] = []
+    labels: list[int] = []
+    tar = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open_tar(path) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
@@ -123,12 +142,33 @@ def shard_index(path: str, expected: int | None = None) -> SampleIndex:
                     keys.append(key)
                     seen.add(key)
                     members.append({})
+                    labels.append(0)
                 members[-1][ext] = (ti.offset_data, ti.size)
+                if with_labels and ext == "cls":
+                    labels[-1] = _label(tar, ti, path)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"shard {path} is unreadable ({type(e).__name__}: {e}); verify or rebuild the dataset") from e
+        raise DataError(f"shard {storage.display(path)} is unreadable ({type(e).__name__}: {e}); verify or rebuild "
+                        "the dataset") from e
+    finally:
+        if tar is not None and tar.fileobj is not None and storage.is_uri(path):
+            tar.fileobj.close()  # a stream tarfile does not close a file object it was given
     if expected is not None and len(keys) != expected:
         raise DataError(f"shard {path} holds {len(keys)} samples, its manifest says {expected}; rebuild the dataset")
-    return SampleIndex(tuple(keys), tuple(members))
+    return SampleIndex(tuple(keys), tuple(members), tuple(labels) if with_labels else ())
+
+
+def _label(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: str) -> int:
+    f = tar.extractfile(ti)
+    data = f.read() if f is not None else b""
+    try:
+        return int(data.decode("ascii").strip())
+    except ValueError:
+        raise DataError(f"corrupt member {ti.name} in shard {storage.display(path)}: not an integer label") from None
+
+
+def crop_draw(seed: int, epoch: int, key: str) -> int:
+    """The random crop of a sample in an epoch (``decode.fit_image``'s ``draw``), from (seed, epoch, key)."""
+    return int.from_bytes(hashlib.blake2b(f"crop/{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little")
 
 
 def _key_hash(seed: int, epoch: int, key: str) -> bytes:
@@ -176,7 +216,7 @@ def read_samples(spec: StreamSpec, ids: np.ndarray) -> list[dict[str, Any]]:
         path = spec.paths[int(s)]
         index = shard_index(path, spec.counts[int(s)])
         mine = np.flatnonzero(shard == s)
-        with open(path, "rb") as f:
+        with storage.open_random(path) as f:
             for i in mine[np.argsort(local[mine], kind="stable")]:
                 j = int(local[i])
                 members = index.members[j]
@@ -208,10 +248,13 @@ def read_batches(spec: StreamSpec, batches: np.ndarray, *, rank: int, world: int
     images: np.ndarray | None = None  # (n, C, H, W), allocated at the first decoded image (its dtype)
     labels, captions, keys = np.full(n, -1, np.int64), np.full(n, "", dtype=object), np.empty(n, dtype=object)
     ok = np.zeros(n, bool)
+    random_crop = spec.resize and spec.crop == "random"
     for i, raw in enumerate(read_samples(spec, ids)):
         keys[i] = raw["__key__"]
         try:
-            s = check_decoded(decode_sample(raw, uint8=True), raw["__url__"], spec.shape)
+            draw = crop_draw(spec.seed, int(epochs[i]), raw["__key__"]) if random_crop else None
+            s = check_decoded(decode_fitted(raw, spec.shape, resize=spec.resize, default_label=spec.default_label,
+                                            draw=draw, uint8=True), raw["__url__"], spec.shape)
         except DataError as err:
             if spec.on_corrupt == "fail":
                 raise
@@ -238,8 +281,9 @@ def read_batches(spec: StreamSpec, batches: np.ndarray, *, rank: int, world: int
 
 
 def spec_for(directory: str, split: str, *, seed: int, window: int = DEFAULT_WINDOW, on_corrupt: OnCorrupt = "fail",
-             hflip: bool = False, shift: int = 0) -> StreamSpec:
-    """The stream of ``split`` of a dataset directory (its manifest gives the shards and counts)."""
+             hflip: bool = False, shift: int = 0, crop: Literal["center", "random"] = "center") -> StreamSpec:
+    """The stream of ``split`` of a dataset (its manifest gives the shards and counts; ``crop`` applies where it
+    says images are resized)."""
     from pipeline.data.shards import expected_chw, read_manifest, shard_paths
 
     manifest = read_manifest(directory)
@@ -249,7 +293,8 @@ def spec_for(directory: str, split: str, *, seed: int, window: int = DEFAULT_WIN
     counts = tuple(sh.num_samples for sh in manifest.splits[split].shards)
     pixel = manifest.encoding != "npy"
     return StreamSpec(paths=tuple(paths), counts=counts, shape=expected_chw(manifest), seed=seed, window=window,
-                      on_corrupt=on_corrupt, hflip=hflip and pixel, shift=shift if pixel else 0)
+                      on_corrupt=on_corrupt, hflip=hflip and pixel, shift=shift if pixel else 0,
+                      resize=manifest.resize, crop=crop, default_label=manifest.default_label)
 
 
 def plain_batches(spec: StreamSpec, *, rank: int = 0, world: int = 1, micro: int, start: int = 0):

@@ -66,16 +66,21 @@ class JobContext:
 
 
 def ensure_data(spec: JobSpec) -> Path:
-    """The job's shards, built from the bundled source on first use."""
+    """The job's shards, built from the bundled source on first use. Shards in a bucket, without a manifest
+    (img2dataset's) or to be resized are named by a manifest on this machine (`shards.open_dataset`)."""
+    from pipeline.data import storage
+    from pipeline.data.shards import MANIFEST, open_dataset
+
     data_dir = Path(spec.data.dir)
-    if (data_dir / "manifest.json").is_file():
-        manifest = read_manifest(data_dir)
+    if storage.file_size(storage.join(spec.data.dir, MANIFEST)) is not None:
+        manifest = read_manifest(spec.data.dir)
         if spec.data.source != "shards" and manifest.source != spec.data.source:
-            raise DataError(f"{data_dir} holds shards of '{manifest.source}', but the spec's data.source is "
-                            f"'{spec.data.source}'; point data.dir elsewhere or remove it")
-        return data_dir
-    if spec.data.source == "shards":
-        raise DataError(f"no shards at {data_dir}; build them with `pipeline data build`")
+            raise DataError(f"{storage.display(spec.data.dir)} holds shards of '{manifest.source}', but the spec's "
+                            f"data.source is '{spec.data.source}'; point data.dir elsewhere or remove it")
+        if spec.data.source != "shards" and not storage.is_uri(spec.data.dir):
+            return data_dir
+    if spec.data.source == "shards" or storage.is_uri(spec.data.dir):
+        return open_dataset(spec.data.dir, image_size=spec.data.image_size, held_out=spec.data.held_out)
     log.info("building %s shards in %s", spec.data.source, data_dir)
     build_dataset(spec.data.source, data_dir, image_size=spec.data.image_size, held_out=spec.data.held_out,
                   shard_size=spec.data.shard_size, seed=spec.seed)
@@ -278,7 +283,8 @@ def pixel_dataset(ctx: JobContext, data_dir: Path):
     aug = ctx.spec.data.augment
     pixel = data_dir == ctx.data_dir
     return spec_for(str(data_dir), "train", seed=ctx.spec.seed, window=ctx.spec.data.shuffle_shards,
-                    on_corrupt=ctx.spec.data.on_corrupt, hflip=aug.hflip and pixel, shift=aug.shift if pixel else 0)
+                    on_corrupt=ctx.spec.data.on_corrupt, hflip=aug.hflip and pixel, shift=aug.shift if pixel else 0,
+                    crop=ctx.spec.data.crop)
 
 
 def _fit(ctx: JobContext, name: str, key: str, run_id: str, dataset, extra: dict[str, Any],
@@ -609,7 +615,8 @@ def _log_data(ctx: JobContext, name: str, run_id: str) -> None:
     digest = manifest_sha256(directory)
     for split, context in (("train", "train"), ("test", "eval")):
         if split in manifest.splits:
-            tracking.log_dataset(run_id, str(Path(directory).resolve()), name=f"{manifest.source}:{split}",
+            source = tracking.redact(manifest.root or str(Path(directory).resolve()))  # where the shards are
+            tracking.log_dataset(run_id, source, name=f"{manifest.source}:{split}",
                                  digest=digest, split=split, num_samples=manifest.splits[split].num_samples,
                                  context=context)
 

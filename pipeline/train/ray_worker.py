@@ -185,6 +185,17 @@ def worker_main(config: dict[str, Any]) -> None:
         train_loop(task, train, config["stage"]["scale"], ctx, seed=config["seed"])
 
 
+def _storage(storage_path: str) -> dict[str, Any]:
+    """RunConfig's storage arguments: a local path made absolute, or a URI's filesystem (credentials and a custom
+    endpoint as `pipeline.data.storage` finds them: `AWS_ENDPOINT_URL`, or `?endpoint_override=` in the URI)."""
+    from pipeline.data import storage
+
+    if not storage.is_uri(storage_path):
+        return {"storage_path": str(Path(storage_path).resolve())}
+    fs, path = storage.filesystem(storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def fit_stage(config: dict[str, Any], *, run_name: str, storage_path: str):
     """Run one training stage on Ray Train; returns Ray's Result (checkpoint = final export).
 
@@ -222,7 +233,7 @@ def fit_stage(config: dict[str, Any], *, run_name: str, storage_path: str):
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(storage_path).resolve()) if "://" not in storage_path else storage_path,
+            **_storage(storage_path),
             failure_config=FailureConfig(max_failures=scale.get("max_failures", 1)),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
