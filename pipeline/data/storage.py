@@ -19,6 +19,8 @@ import pyarrow.fs as pafs
 
 from pipeline.data.errors import DataError
 
+_ARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file", "abfs", "abfss")
+
 
 def is_uri(path: str | os.PathLike[str]) -> bool:
     """True for ``scheme://...`` (a bucket or any remote filesystem); False for a local path."""
@@ -50,7 +52,11 @@ def _made_filesystem(scheme: str, netloc: str, query: str, env: tuple) -> tuple[
     uri = f"{scheme}://{netloc}/{'?' + query if query else ''}"
     try:
         return pafs.FileSystem.from_uri(uri)[0], True
-    except Exception:  # noqa: BLE001 - a scheme pyarrow does not know: try fsspec
+    except Exception as arrow_exc:  # noqa: BLE001 - a scheme pyarrow does not know: try fsspec
+        if scheme in _ARROW_SCHEMES:  # pyarrow's own: its error says what is wrong (region, endpoint, credentials)
+            raise DataError(f"cannot open {display(uri)}: {type(arrow_exc).__name__}: {arrow_exc} (an S3-compatible "
+                            "server: set AWS_ENDPOINT_URL, or add ?endpoint_override=HOST:PORT&scheme=http to the "
+                            "URI)") from None
         try:
             import fsspec
             from pyarrow.fs import FSSpecHandler, PyFileSystem
