@@ -18,6 +18,7 @@ import ray.data
 from ray.data import ExecutionResources, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipeline.data import storage
 from pipeline.data.decode import KNOWN_EXTS, OnCorrupt, check_decoded, check_on_corrupt, decode_fitted
 from pipeline.data.errors import DataError
 from pipeline.data.shards import expected_chw, read_manifest, shard_paths
@@ -85,8 +86,13 @@ def ray_dataset(
     paths = shard_paths(directory, split)
     if not paths:
         raise DataError(f"split {split!r} of {directory} has no shards")
+    filesystem = None
+    if storage.is_uri(paths[0]):  # the bucket's filesystem as pipeline.data.storage opens it (its endpoint too)
+        filesystem = storage.filesystem(paths[0])[0]
+        paths = [storage.filesystem(p)[1] for p in paths]
     ds = ray.data.read_webdataset(
         paths,
+        filesystem=filesystem,
         decoder=None,  # raw bytes only: Ray's default decoder is never involved
         suffixes=list(KNOWN_EXTS),  # other members (.pyd, .pth, ...) are dropped while grouping
         shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,

@@ -339,6 +339,26 @@ def test_our_manifest_in_a_bucket_with_the_endpoint_in_the_uri(tmp_path: Path, b
         assert r["__key__"] == w["__key__"] and r["png"] == w["png"] and r["cls"] == w["cls"]
 
 
+def test_the_ray_data_path_reads_the_bucket_with_center_crops(tmp_path: Path, s3_env,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray_dataset` (what encode stages read) through the bucket's filesystem, its endpoint given in the URI only:
+    every held-out image, resized and center-cropped in Ray Data tasks."""
+    from pipeline.data.ray_data import ray_dataset
+    from tests.reliability.helpers import local_ray
+
+    images = write_img2dataset(tmp_path / "d", (2, 3, 2), ext="png")
+    upload(s3_env, tmp_path / "d", "for-ray")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    uri = f"s3://{s3_env.bucket}/for-ray?endpoint_override={s3_env.endpoint.removeprefix('http://')}&scheme=http"
+    ds = open_dataset(uri, image_size=S, held_out=0.4, cache_dir=tmp_path / "c")
+    with local_ray(num_cpus=2):
+        rows = ray_dataset(ds, "test").take_all()
+    assert sorted(r["key"] for r in rows) == sorted(k for k in images if k[:5] in ("00001", "00002"))
+    for r in rows:
+        assert r["label"] == 0
+        np.testing.assert_array_equal(to_u8(r["image"]), expected_pixels(images[r["key"]]))
+
+
 def test_a_missing_or_empty_bucket_prefix_is_a_clear_error(tmp_path: Path, s3_env) -> None:
     with pytest.raises(DataError, match=rf"data.dir s3://{s3_env.bucket}/nothing-here does not exist"):
         open_dataset(f"s3://{s3_env.bucket}/nothing-here", image_size=S, held_out=0.2, cache_dir=tmp_path / "c")
