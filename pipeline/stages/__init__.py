@@ -12,11 +12,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from pipeline.data.shards import expected_chw
 
 log = logging.getLogger("pipeline")
 
-LATENT_ROOT = ".pipeline/latents"
+LATENT_ROOT = ".pipeline/latents"  # the default of ray.latent_cache: where encode stages cache latents
 
 
 @dataclass
@@ -123,6 +125,18 @@ def _scales(spec: JobSpec):
 RAY_WORKING_DIR = ("runtime_resources", "working_dir_files")  # where Ray unpacks a submitted job's --working-dir
 
 
+def embedded_store_path(uri: str) -> str | None:
+    """The file path behind an embedded MLflow store (`sqlite:///PATH`, `file:PATH`, a bare path), as written
+    (relative or absolute); None for a tracking server or a database server of its own."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):]
+    if uri.startswith("file:"):
+        return uri[len("file:"):].removeprefix("//")
+    if "://" not in uri and not uri.startswith("databricks"):  # a plain path: MLflow's file store
+        return uri
+    return None
+
+
 def check_store_outlives_ray(spec: JobSpec) -> None:
     """A submitted job runs in Ray's temporary copy of its working directory, deleted when the cluster stops:
     an embedded MLflow store there would take every run and registered model with it."""
@@ -130,13 +144,8 @@ def check_store_outlives_ray(spec: JobSpec) -> None:
     if not all(part in cwd.parts for part in RAY_WORKING_DIR):
         return
     uri = tracking.tracking_uri(spec.tracking.uri)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-    elif uri.startswith("file:"):
-        path = uri[len("file:"):].removeprefix("//")
-    elif "://" not in uri:  # a plain path: MLflow's file store
-        path = uri
-    else:  # a tracking server, or a database of its own
+    path = embedded_store_path(uri)
+    if path is None:  # a tracking server, or a database of its own
         return
     if Path(path).resolve().is_relative_to(cwd):
         raise ClusterError(
@@ -145,6 +154,104 @@ def check_store_outlives_ray(spec: JobSpec) -> None:
             "model would be lost. Point MLFLOW_TRACKING_URI (or tracking.uri) at a tracking server, e.g. "
             "ray job submit --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://HOST:5000\"}}' "
             "... (or at sqlite:////PATH/mlflow.db on storage that outlives the cluster)")
+
+
+def local_path(location: str) -> str | None:
+    """The local path a storage location names (a plain path or a `file:` URI), or None for a URI of storage
+    reached over the network (`s3://`, `gs://`, any other `scheme://`)."""
+    if location.startswith("file:"):
+        return location[len("file:"):].removeprefix("//")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
+        return None
+    return location
+
+
+def storage_problems(nodes: int, autoscaler: bool, *, data_dir: str, storage: str, tracking_uri: str,
+                     latent_cache: str | None, shared_mounts: Sequence[str], cwd: str) -> list[str]:
+    """What in a job's storage settings only this node can see, on a cluster where other nodes read and write it.
+
+    A cluster of one node that no autoscaler may grow gets []. Otherwise each of `data_dir`, `storage`
+    (ray.storage), an embedded MLflow store behind `tracking_uri` and `latent_cache` (the encode stage's
+    cache, None without one) that is a local path — relative ones taken from `cwd` — and not under one of
+    `shared_mounts` (whole path components: /mnt/efs2 is not under /mnt/efs) is one problem: the setting,
+    where it points, and what to change it to.
+    """
+    if nodes <= 1 and not autoscaler:
+        return []
+    mounts = [PurePosixPath(os.path.normpath(m)) for m in shared_mounts]
+
+    def unshared(path: str | None) -> PurePosixPath | None:
+        if path is None:
+            return None
+        full = PurePosixPath(os.path.normpath(os.path.join(cwd, path)))
+        return None if any(full.is_relative_to(m) for m in mounts) else full
+
+    def shown(value: str, path: PurePosixPath) -> str:
+        return value if value == str(path) else f"{value} ({path})"
+
+    problems = []
+    if (path := unshared(local_path(data_dir))) is not None:
+        problems.append(f"data.dir: {shown(data_dir, path)} is on this node's disk; set data.dir to a bucket "
+                        "(s3://BUCKET/shards, gs://BUCKET/shards) or to a directory on a shared mount")
+    if (path := unshared(local_path(storage))) is not None:
+        problems.append(f"ray.storage: {shown(storage, path)} is on this node's disk, where workers on other nodes "
+                        "cannot write their checkpoints; set ray.storage to a bucket (s3://BUCKET/ray, "
+                        "gs://BUCKET/ray) or to a directory on a shared mount")
+    if (path := unshared(embedded_store_path(tracking_uri))) is not None:
+        problems.append(f"tracking.uri / $MLFLOW_TRACKING_URI: {tracking.redact(tracking_uri)} is an embedded "
+                        f"MLflow store on this node's disk ({path}); point it at a tracking server whose artifacts "
+                        "go to a bucket (tracking.uri: http://HOST:5000, the server started with "
+                        "`mlflow server --artifacts-destination s3://BUCKET/mlflow`), or keep the store on a "
+                        "shared mount")
+    if latent_cache is not None and (path := unshared(local_path(latent_cache))) is not None:
+        problems.append(f"ray.latent_cache: {shown(latent_cache, path)}, where the encode stage writes the latent "
+                        "shards the next stages read, is on this node's disk; set ray.latent_cache to a directory "
+                        "on a shared mount")
+    return problems
+
+
+def cluster_shape() -> tuple[int, bool]:
+    """The connected Ray cluster: (alive nodes, whether an autoscaler may add nodes to it).
+
+    An autoscaler may add nodes when the limits it publishes allow more of some resource than the cluster has
+    now, or, when it publishes none (Ray's v1 autoscaler), whenever it has a cluster config (`_has_autoscaler`);
+    a cluster started by hand (`ray start`) has none.
+    """
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()  # None unless the autoscaler publishes its limits
+    except Exception:  # noqa: BLE001 - private API; judge by the autoscaler's status alone
+        most = None
+    if most is None:
+        return nodes, _has_autoscaler()
+    now = ray.cluster_resources()
+    return nodes, any(amount > now.get(res, 0.0) for res, amount in most.items())
+
+
+def check_shared_storage(spec: JobSpec) -> None:
+    """On a Ray cluster of several nodes (or one an autoscaler may grow), refuse storage settings that name
+    paths only this node can see: `storage_problems` of the spec against the connected cluster."""
+    nodes, autoscaler = cluster_shape()
+    encodes = any(stage.kind == "encode" for stage in spec.stages.values())
+    problems = storage_problems(
+        nodes, autoscaler, data_dir=spec.data.dir, storage=spec.ray.storage,
+        tracking_uri=tracking.tracking_uri(spec.tracking.uri), latent_cache=spec.ray.latent_cache if encodes else None,
+        shared_mounts=spec.ray.shared_mounts, cwd=str(Path.cwd().resolve()))
+    if not problems:
+        return
+    shape = f"{nodes} nodes" if nodes > 1 else "1 node"
+    if autoscaler:
+        shape += " and an autoscaler that may add more"
+    raise ClusterError(
+        f"this Ray cluster has {shape}, and each node reads and writes the job's data, checkpoints and runs "
+        "itself, but these settings name paths on this node's disk only:\n"
+        + "".join(f"  {p}\n" for p in problems)
+        + "A directory every node mounts at the same path (NFS, EFS, Filestore) is fine once listed in "
+        "ray.shared_mounts (e.g. ray.shared_mounts: [/mnt/efs])")
 
 
 def preflight(spec: JobSpec) -> None:
@@ -165,12 +272,24 @@ def preflight(spec: JobSpec) -> None:
 
 
 def _has_autoscaler() -> bool:
-    """True when an autoscaler monitors this cluster (it writes its status into the GCS)."""
+    """True when an autoscaler with a cluster config (node types it may launch) monitors this cluster.
+
+    Every head runs the monitor and writes its status into the GCS; on a cluster started by hand (`ray start`)
+    the monitor only mirrors the nodes it sees, under anonymous node types `node_<id>` (Ray's readonly
+    provider), while the cluster launcher, KubeRay and the fake multi-node provider report their configured types.
+    """
     try:
         from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.autoscaler._private.util import format_readonly_node_type
         from ray.experimental.internal_kv import _internal_kv_get
 
-        return bool(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        if not raw:
+            return False
+        report = json.loads(raw).get("autoscaler_report") or {}
+        types = set(report.get("active_nodes") or {}) | set((report.get("node_type_mapping") or {}).values())
+        anonymous = format_readonly_node_type("")
+        return any(not t.startswith(anonymous) for t in types)
     except Exception:  # noqa: BLE001 - private API; assume a fixed-size cluster
         return False
 
@@ -210,7 +329,9 @@ def check_resources(spec: JobSpec) -> None:
 
 
 def init_ray(spec: JobSpec) -> None:
-    """Connect to the cluster named by the spec or $RAY_ADDRESS, or start Ray in-process."""
+    """Connect to the cluster named by the spec or $RAY_ADDRESS, or start Ray in-process. A cluster of several
+    nodes (or an autoscaling one) is refused, before any work, when the job's storage is on this node's disk only
+    (`check_shared_storage`)."""
     import ray
 
     if ray.is_initialized():
@@ -224,6 +345,7 @@ def init_ray(spec: JobSpec) -> None:
     if address:  # a cluster (or `ray job submit`): the job's own runtime env reaches the workers
         check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
+        check_shared_storage(spec)
     else:  # in-process: no dashboard / job API at all
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env,
@@ -560,6 +682,8 @@ def run_job(spec: JobSpec, spec_path: str | Path, *, force_promote: bool = False
     tracking.connect(uri)
     preflight(spec)  # before anything is written: shards, MLflow store, Ray session
     progress.start_pending_log()  # from here on Ray's and DeepSpeed's output goes to the run's log file
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(spec)  # a cluster: its nodes must be able to see the data before any is built
     data_dir = ensure_data(spec)
     init_ray(spec)
     check_resources(spec)

@@ -268,10 +268,10 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
     from mlflow.tracking import MlflowClient
 
     from pipeline.data import manifest_sha256
-    from pipeline.stages import LATENT_ROOT, StageOutcome, _log_data, log_metrics, redacted_params
+    from pipeline.stages import StageOutcome, _log_data, log_metrics, redacted_params
 
     (ae_stage, ref), = inputs.items()
-    out = Path(LATENT_ROOT) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
+    out = Path(ctx.spec.ray.latent_cache) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
     ctx.latent_dirs[name] = out
     if (out / "manifest.json").is_file():
         log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version, out)

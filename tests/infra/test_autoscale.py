@@ -32,6 +32,14 @@ def test_scales_up_for_worker_resource_and_down_when_idle() -> None:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         assert len(_alive_nodes()) == 1, "only the head should run before any demand"
         assert ray.cluster_resources().get("train_slot", 0) == 0
+        # one node, but an autoscaler that may add more: the pipeline counts it as a multi-node cluster
+        # (`check_shared_storage`); a head started by hand is not one (test_shared_storage.py)
+        from pipeline.stages import cluster_shape
+
+        deadline = time.monotonic() + 20  # the monitor writes its first status within a few update intervals
+        while cluster_shape() != (1, True) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cluster_shape() == (1, True)
 
         @ray.remote(num_cpus=1, resources={"train_slot": 1})
         def where(i: int) -> tuple[int, str]:

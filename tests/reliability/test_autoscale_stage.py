@@ -29,7 +29,8 @@ def _alive() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"]]
 
 
-def test_stage_scales_the_cluster_up_and_back_down(tmp_path: Path, digits8: Path) -> None:
+def test_stage_scales_the_cluster_up_and_back_down(tmp_path: Path, digits8: Path,
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     import ray
 
     job = write_job(tmp_path / "job.yaml", digits8,
@@ -44,7 +45,10 @@ def test_stage_scales_the_cluster_up_and_back_down(tmp_path: Path, digits8: Path
         # cluster]"), which can swallow one of the two "rank N of 2 on node X" lines this test reads
         env = clean_env(**cluster.env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", RAY_DEDUP_LOGS="0")
         t0 = time.monotonic()
-        out = run_pipeline(tmp_path, "run", str(job), env=env, timeout=900)
+        # the fake nodes share this machine's disk: the job's data, checkpoints and MLflow store (all under the
+        # tests' temp directory) are on a mount every node sees, which the cluster check requires declared
+        shared = f"--set=ray.shared_mounts=[{tmp_path_factory.getbasetemp()}]"
+        out = run_pipeline(tmp_path, "run", str(job), shared, env=env, timeout=900)
         text = out.stdout + out.stderr + run_log(tmp_path)  # the workers' lines are in the run's log file
         assert out.returncode == 0, text[-4000:] + "\n" + cluster.log_tail()
         assert "[classifier] registered rel-classifier v1 → champion" in text
