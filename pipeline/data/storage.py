@@ -11,6 +11,7 @@ path below that root).
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +37,8 @@ def join(root: str, name: str) -> str:
 
 
 def display(path: str) -> str:
-    """A path or URI as shown in messages: without its query (which may carry settings, never credentials)."""
-    return str(path).partition("?")[0]
+    """A path or URI as shown in messages: without its query and without any ``user:secret@`` part."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", str(path).partition("?")[0])
 
 
 def _uri_filesystem(scheme: str, netloc: str, query: str) -> tuple[Any, bool]:

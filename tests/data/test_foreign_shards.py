@@ -360,6 +360,9 @@ def test_the_ray_data_path_reads_the_bucket_with_center_crops(tmp_path: Path, s3
 
 
 def test_a_missing_or_empty_bucket_prefix_is_a_clear_error(tmp_path: Path, s3_env) -> None:
+    from pipeline.data.storage import display
+
+    assert display("s3://KEY:SECRET@bucket/p?endpoint_override=h:1") == "s3://bucket/p"
     with pytest.raises(DataError, match=rf"data.dir s3://{s3_env.bucket}/nothing-here does not exist"):
         open_dataset(f"s3://{s3_env.bucket}/nothing-here", image_size=S, held_out=0.2, cache_dir=tmp_path / "c")
     (tmp_path / "stats").mkdir()
