@@ -294,6 +294,7 @@ def init_ray(num_cpus: int, object_store_mb: int | None = None) -> None:
 
     if not ray.is_initialized():
         os.environ["RAY_AUTH_MODE"] = "disabled"  # nothing written to ~/.ray
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as `pipeline run` starts Ray
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
                  logging_config=ray.LoggingConfig(log_level="WARNING"),

@@ -8,6 +8,7 @@ bytes are then decoded by :func:`pipeline.data.decode.decode_sample` in ``map_ba
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,15 +175,15 @@ def sample_bytes(spec: Any) -> int:
     return int(np.prod(spec.shape)) * (4 if latent else 1)
 
 
-def _node_store_share(world: int) -> float:
-    """STORE_SHARE of this node's object store, divided among the ranks expected on it (``world`` over the
-    nodes; all of them on one machine)."""
+def _node_share(world: int) -> tuple[float, int]:
+    """This rank's share of its node: (STORE_SHARE of the node's object store, the machine's cores), divided
+    among the ranks expected on it (``world`` over the nodes; all of them on one machine)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     here = ray.get_runtime_context().get_node_id()
     store = next((n["Resources"].get("object_store_memory", 0) for n in nodes if n.get("NodeID") == here), 0)
-    if not store:
-        return float("inf")
-    return STORE_SHARE * store / max(1, -(-world // max(1, len(nodes))))
+    ranks = max(1, -(-world // max(1, len(nodes))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (STORE_SHARE * store / ranks if store else float("inf")), max(1, cores // ranks)
 
 
 def batches_per_task(spec: Any, micro: int, share: float = float("inf")) -> int:
@@ -214,7 +215,8 @@ def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, c
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    per_task = batches_per_task(spec, micro, _node_store_share(world))
+    share, cores = _node_share(world)
+    per_task = batches_per_task(spec, micro, share)
     budget = IN_FLIGHT_BLOCKS * per_task * micro * sample_bytes(spec)
     first = start
     while True:
@@ -225,7 +227,7 @@ def worker_stream(spec: Any, *, rank: int, world: int, micro: int, start: int, c
                             fn_kwargs={"spec": spec, "rank": rank, "world": world, "micro": micro, "first": first})
         limits = ds.context.execution_options.resource_limits  # this dataset's, not the process's
         ds.context.execution_options.resource_limits = limits.min(ExecutionResources.for_limits(
-            object_store_memory=budget))
+            object_store_memory=budget, cpu=cores))  # more read tasks than cores only delay the first block
         pending: dict[str, list[np.ndarray]] = {}
         rows = 0
         for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS):

@@ -347,6 +347,9 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address, log_to_driver=True)
         check_shared_storage(spec)
     else:  # in-process: no dashboard / job API at all
+        # one machine, no node to be preempted: Train's preemption watcher would only be one more process
+        # starting beside the workers (0.6-1 s of fit() -> first batch on 2 cores, BENCHMARKS.md)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env,
                               "worker_process_setup_hook": "pipeline.train.ray_logging.quiet_worker_logs"},
