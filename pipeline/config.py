@@ -620,6 +620,14 @@ class DataSpec(_Strict):
         raise ValueError("expected one of 'digits', 'photos', 'sprites', 'moving-digits', 'shards', "
                          "'imagefolder:PATH'")
 
+    @model_validator(mode="after")
+    def _crop_where_resized(self) -> DataSpec:
+        if self.crop == "random" and self.source != "shards":
+            raise ValueError(f"data.crop: random crops images as shards are read (data.source: shards); the "
+                             f"'{self.source}' source is resized and center-cropped once, when its shards are "
+                             "built: use data.crop: center, or augment.shift for random translations")
+        return self
+
 
 class TrackingSpec(_Strict):
     """MLflow tracking: `uri` defaults to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""

@@ -301,6 +301,9 @@ def init_ray(num_cpus: int, object_store_mb: int | None = None) -> None:
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu",
                                            "RAY_AUTH_MODE": "disabled"}})
     DataContext.get_current().enable_progress_bars = False
+    from pipeline.stages import start_ray_data_stats_actor
+
+    start_ray_data_stats_actor()  # as `pipeline run` starts Ray
 
 
 def stream_worker(config: dict[str, Any]) -> None:

@@ -359,16 +359,16 @@ def init_ray(spec: JobSpec) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # a DataError raised in a map task reaches us as itself
-    if address:
-        _pin_ray_data_stats_actor()
+    start_ray_data_stats_actor()
 
 
-def _pin_ray_data_stats_actor() -> None:
-    """Create Ray Data's detached stats actor here, on the driver's node.
+def start_ray_data_stats_actor() -> None:
+    """Create Ray Data's detached stats actor now (without waiting for it), on the driver's node.
 
-    Ray Data creates it on the node of whoever first runs a dataset; from a training worker on an
+    Ray Data creates it on the node of whoever first runs a dataset: from a training worker on an
     autoscaled node that pins the node for ever (the autoscaler never removes a node with a live
-    actor), so idle workers would not scale down.
+    actor), so idle workers would not scale down; and in a fresh Ray instance the first training stage
+    would wait for its process to start before its first batch (about 1 s on 2 cores, BENCHMARKS.md).
     """
     try:
         from ray.data._internal.stats import get_or_create_stats_actor

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                         f"(stages: {', '.join(base.stages)})")
     if base.stages[spec.stage].kind == "encode":
         raise SpecError(f"{path}: stage: '{spec.stage}' is an encode stage; a sweep trains a model stage")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", base.ray.storage) and not base.ray.storage.startswith("file:"):
+        raise SpecError(f"{job_path}: ray.storage: {base.ray.storage} is a URI, but a sweep keeps its state (Tune's "
+                        "experiment, the sweep's MLflow run id) in a directory; set ray.storage to a local "
+                        "directory, on a mount every node shares (ray.shared_mounts) for a multi-node cluster")
     sweep = Sweep(spec, path, job_path, job_raw, base)
     pre = set(prerequisites(sweep))
     for key, dom in spec.search.space.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import SpecError, apply_overrides, load_spec
+from pipeline.config import DataSpec, SpecError, apply_overrides, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 LDM = ROOT / "jobs" / "ldm.yaml"
@@ -47,6 +47,12 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused():
     with pytest.raises(SpecError, match=r"stages\.diffusion.*train.batch_size \(128\) must be a multiple of "
                                         r"scale.workers \(3\)"):
         load_spec(LDM, ["stages.diffusion.scale.workers=3"])
+
+
+def test_random_crops_only_where_images_are_cropped_as_read():
+    with pytest.raises(SpecError, match=r"data.crop: random crops images as shards are read.*'digits' source"):
+        load_spec(LDM, ["data.crop=random"])
+    assert DataSpec(source="shards", dir="s3://bucket/shards", image_size=16, crop="random").crop == "random"
 
 
 def test_unknown_key_names_file_and_key_path(tmp_path):

@@ -70,6 +70,9 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         load_sweep(_write(tmp_path, {**SWEEP, "scheduler": {"grace": 3}}))
     with pytest.raises(SpecError, match="'nope' is not a stage"):
         load_sweep(_write(tmp_path, {**SWEEP, "stage": "nope"}))
+    in_bucket = {**JOB, "ray": {**JOB["ray"], "storage": "s3://bucket/ray"}}
+    with pytest.raises(SpecError, match=r"tiny.yaml: ray.storage: s3://bucket/ray is a URI, but a sweep keeps"):
+        load_sweep(_write(tmp_path, SWEEP, in_bucket))
     with pytest.raises(SpecError, match="train.steps: Input should be greater than or equal to 1"):
         load_sweep(_write(tmp_path, {**SWEEP, "search": {"space": {"g": {"grid": [
             {"stages.autoencoder.train.steps": 0}]}}}}))
