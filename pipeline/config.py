@@ -651,7 +651,7 @@ class RaySpec(_Strict):
     address: str | None = None
     num_cpus: int | None = Field(8, ge=1)
     storage: str = ".pipeline/ray"
-    # where encode stages cache their latent shards (relative to the working directory); a directory, not a bucket
+    # where encode stages cache their latent shards: a directory (relative to the working directory) or a URI
     latent_cache: str = ".pipeline/latents"
     # directories every node of the cluster mounts at the same place (NFS, EFS, Filestore): a local path under
     # one of them is storage all nodes can see (`pipeline.stages.storage_problems`)
@@ -664,14 +664,6 @@ class RaySpec(_Strict):
             if not mount.startswith("/"):
                 raise ValueError(f"'{mount}' is not an absolute path; list where every node mounts the shared "
                                  "file system, e.g. /mnt/efs")
-        return v
-
-    @field_validator("latent_cache")
-    @classmethod
-    def _latent_cache_is_a_directory(cls, v: str) -> str:
-        if "://" in v:
-            raise ValueError(f"'{v}' is a URI; encode stages write their latent shards to a directory: on a cluster "
-                             "of several nodes one on a shared mount listed in ray.shared_mounts")
         return v
 
 

@@ -356,9 +356,12 @@ def _stratified_split(labels: np.ndarray, held_out: float, seed: int) -> np.ndar
 
 
 def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
-    """Atomically write ``manifest.json`` (the last step of any build)."""
+    """Atomically write ``manifest.json`` (the last step of any build) into a directory or a bucket prefix."""
     data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False).encode("utf-8") + b"\n"
-    _atomic_write_bytes(Path(out_dir) / MANIFEST, data)
+    if storage.is_uri(out_dir):  # an object appears whole or not at all
+        storage.write_bytes(storage.join(str(out_dir), MANIFEST), data)
+    else:
+        _atomic_write_bytes(Path(out_dir) / MANIFEST, data)
 
 
 def build_dataset(

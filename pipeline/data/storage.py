@@ -145,3 +145,26 @@ def open_stream(path: str, buffer_size: int = 1 << 20):
         return open(path, "rb", buffering=buffer_size)
     fs, p = filesystem(path)
     return fs.open_input_stream(p, compression=None, buffer_size=buffer_size)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole (small) file: a local one through a temporary name renamed into place, an object at once
+    (an object store shows an object whole or not at all)."""
+    if not is_uri(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, p = filesystem(path)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def upload(local: str, path: str, chunk: int = 8 << 20) -> None:
+    """Copy the local file ``local`` to ``path`` (a URI), streamed in chunks."""
+    fs, p = filesystem(path)
+    with open(local, "rb") as src, fs.open_output_stream(p) as dst:
+        while block := src.read(chunk):
+            dst.write(block)
+

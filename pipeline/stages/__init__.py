@@ -205,8 +205,8 @@ def storage_problems(nodes: int, autoscaler: bool, *, data_dir: str, storage: st
                         "shared mount")
     if latent_cache is not None and (path := unshared(local_path(latent_cache))) is not None:
         problems.append(f"ray.latent_cache: {shown(latent_cache, path)}, where the encode stage writes the latent "
-                        "shards the next stages read, is on this node's disk; set ray.latent_cache to a directory "
-                        "on a shared mount")
+                        "shards the next stages read, is on this node's disk; set ray.latent_cache to a bucket "
+                        "(s3://BUCKET/latents) or to a directory on a shared mount")
     return problems
 
 
@@ -576,8 +576,10 @@ def run_diffusion(ctx: JobContext, name: str, key: str, run_id: str, inputs) -> 
     stage = ctx.spec.stages[name]
     encode = next((n for n in stage.needs if ctx.spec.stages[n].kind == "encode"), None)
     if encode:
+        from pipeline.stages.encode import latent_info
+
         data_dir = ctx.latent_dirs[encode]
-        info = json.loads((data_dir / "scale.json").read_text())
+        info = latent_info(data_dir)
         data_info = {"latent_scale": info["latent_scale"], "autoencoder": info["autoencoder"]}
     else:
         data_dir, data_info = ctx.data_dir, {"latent_scale": 1.0}

@@ -8,7 +8,6 @@ network from ``model``. Each trained model is evaluated with 1 and 2 sampling st
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from pipeline.data import read_manifest
 def run_consistency(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path, dict[str, float]]:
     """Train a consistency model (CD or CT), then evaluate it at each of its sampling step counts."""
     from pipeline.stages import _eval_generator, _fit, data_dir_of, pixel_dataset
+    from pipeline.stages.encode import latent_info
 
     stage = ctx.spec.stages[name]
     extra: dict[str, Any]
@@ -28,7 +28,7 @@ def run_consistency(ctx, name: str, key: str, run_id: str, inputs) -> tuple[Path
     else:
         data_dir = data_dir_of(ctx, name)
         if data_dir != ctx.data_dir:
-            info = json.loads((data_dir / "scale.json").read_text())
+            info = latent_info(data_dir)
             data_info = {"latent_scale": info["latent_scale"], "autoencoder": info["autoencoder"]}
         else:
             data_info = {"latent_scale": 1.0}

@@ -12,16 +12,21 @@ Nothing is gathered on the driver; per split it sees one small metadata row per 
    same way every time), returning the shard's name, sample count, sha256, size and label counts.
 
 The driver writes ``scale.json`` and ``manifest.json`` (shards sorted by name) and renames the directory
-into place; a failed encode leaves nothing behind.
+into place; a failed encode leaves nothing behind. With ``ray.latent_cache`` a bucket, each actor writes its
+shard locally and uploads it to the prefix, and the manifest, written last, marks the latents complete (a
+prefix without one is encoded again); the readers reach them through the manifest `shards.open_dataset`
+caches on the driver.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,8 @@ import numpy as np
 import torch
 
 from pipeline import tracking
+from pipeline.data import storage
+from pipeline.data.shards import MANIFEST
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,6 +49,7 @@ log = logging.getLogger("pipeline")
 
 #: Training samples (the first ones, in shard order) whose latents set the latent scale.
 SCALE_SAMPLES = 4096
+SCALE_FILE = "scale.json"  # beside the latent shards: {"latent_scale", "autoencoder"}
 
 
 class LatentEncoder:
@@ -85,7 +93,7 @@ class LatentShardWriter(LatentEncoder):
     def __init__(self, model_dir: str, out_dir: str, split: str, scale: float, device: str = "cpu",
                  threads: int = 1, chunk: int = 256) -> None:
         super().__init__(model_dir, device, threads, chunk)
-        self.out_dir, self.split, self.scale = Path(out_dir), split, float(scale)
+        self.out_dir, self.split, self.scale = str(out_dir), split, float(scale)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.data import write_array_shard
@@ -98,7 +106,13 @@ class LatentShardWriter(LatentEncoder):
         z = self.latents(batch["image"]) * self.scale  # (B, c, h, w) float32
         rows = ({"key": k, "array": z[i], "label": int(batch["label"][i]), "caption": str(batch["caption"][i])}
                 for i, k in enumerate(keys))
-        shard, info = write_array_shard(rows, self.out_dir, f"{self.split}-{keys[0]}.tar")
+        name = f"{self.split}-{keys[0]}.tar"
+        if storage.is_uri(self.out_dir):  # a bucket: the shard is written here, uploaded, and not kept on this node
+            with tempfile.TemporaryDirectory(prefix="latents-") as tmp:
+                shard, info = write_array_shard(rows, tmp, name)
+                storage.upload(os.path.join(tmp, shard.name), storage.join(self.out_dir, shard.name))
+        else:
+            shard, info = write_array_shard(rows, self.out_dir, name)
         return {"name": np.array([shard.name]), "num_samples": np.array([shard.num_samples], dtype=np.int64),
                 "sha256": np.array([shard.sha256]), "bytes": np.array([shard.bytes], dtype=np.int64),
                 "labels": np.array([json.dumps(info.labels)]), "shape": np.array([json.dumps(z.shape[1:])])}
@@ -142,7 +156,7 @@ def latent_scale(data_dir: Path, model_dir: str, *, batch_size: int, workers: in
     return 1.0 / std
 
 
-def encode_split(data_dir: Path, model_dir: str, out_dir: Path, split: str, scale: float, *, batch_size: int,
+def encode_split(data_dir: Path, model_dir: str, out_dir: Path | str, split: str, scale: float, *, batch_size: int,
                  shard_size: int, workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  on_corrupt: OnCorrupt = "fail") -> tuple[dict[str, Any], tuple[int, ...]]:
     """Write the scaled latents of `split` as npy shards into `out_dir`; its manifest entry and the latent shape."""
@@ -178,7 +192,7 @@ def encode_split(data_dir: Path, model_dir: str, out_dir: Path, split: str, scal
     return info, tuple(json.loads(shapes.pop()))
 
 
-def encode_latents(data_dir: Path, model_dir: str, out_dir: Path, *, autoencoder: str, batch_size: int,
+def encode_latents(data_dir: Path, model_dir: str, out_dir: Path | str, *, autoencoder: str, batch_size: int,
                    shard_size: int, workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                    on_corrupt: OnCorrupt = "fail") -> tuple[float, Manifest]:
     """Write the latent shards of every split of `data_dir`, ``scale.json`` and ``manifest.json`` into `out_dir`.
@@ -201,8 +215,9 @@ def encode_latents(data_dir: Path, model_dir: str, out_dir: Path, *, autoencoder
     latent_manifest = Manifest(source=f"latents:{autoencoder}", encoding="npy", image_size=[h, w, c],
                                num_classes=manifest.num_classes, class_names=manifest.class_names,
                                seed=manifest.seed, held_out=manifest.held_out, splits=splits)
-    (out_dir / "scale.json").write_text(json.dumps({"latent_scale": scale, "autoencoder": autoencoder}))
-    write_manifest(out_dir, latent_manifest)
+    storage.write_bytes(storage.join(str(out_dir), SCALE_FILE),
+                        json.dumps({"latent_scale": scale, "autoencoder": autoencoder}).encode())
+    write_manifest(out_dir, latent_manifest)  # last: a directory or prefix without it is an unfinished encode
     return scale, latent_manifest
 
 
@@ -235,31 +250,50 @@ def check_pool(name: str, stage: EncodeStage, *, clustered: bool) -> None:
                                f"stages.{name}.{field}, or add nodes")
 
 
-def write_latents(ctx: JobContext, name: str, ref: tracking.ModelRef, out: Path) -> StageOutcome:
-    """Write the latent shards of every split to `out` (through a temporary directory, renamed into place)."""
-    from pipeline.stages import StageOutcome
+def write_latents(ctx: JobContext, name: str, ref: tracking.ModelRef, out: Path | str) -> StageOutcome:
+    """Write the latent shards of every split to `out`: a directory (through a temporary one, renamed into
+    place) or a bucket prefix (its manifest written last)."""
 
     stage = ctx.spec.stages[name]
     check_pool(name, stage, clustered=bool(ctx.spec.ray.address or os.environ.get("RAY_ADDRESS")))
     model_dir = str(tracking.download(ref))
+    encode = functools.partial(
+        encode_latents, ctx.data_dir, model_dir, autoencoder=ref.uri, batch_size=stage.batch_size,
+        shard_size=ctx.spec.data.shard_size, workers=stage.workers, cpus_per_worker=stage.cpus_per_worker,
+        gpus_per_worker=stage.gpus_per_worker, on_corrupt=ctx.spec.data.on_corrupt)
+    if isinstance(out, str):  # a bucket prefix: no rename there; the manifest, written last, marks it complete
+        return _encoded(name, ref, out, *encode(out))
     tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
     try:
-        scale, manifest = encode_latents(
-            ctx.data_dir, model_dir, tmp_out, autoencoder=ref.uri, batch_size=stage.batch_size,
-            shard_size=ctx.spec.data.shard_size, workers=stage.workers, cpus_per_worker=stage.cpus_per_worker,
-            gpus_per_worker=stage.gpus_per_worker, on_corrupt=ctx.spec.data.on_corrupt)
+        scale, manifest = encode(tmp_out)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp_out, out)
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)  # never leave half-written latents behind
         raise
-    log.info("[%s] wrote latents of %s v%s to %s (scale %.4f)", name, ref.name, ref.version, out, scale)
+    return _encoded(name, ref, out, scale, manifest)
+
+
+def _encoded(name: str, ref: tracking.ModelRef, out: Path | str, scale: float, manifest: Manifest) -> StageOutcome:
+    from pipeline.stages import StageOutcome
+
+    log.info("[%s] wrote latents of %s v%s to %s (scale %.4f)", name, ref.name, ref.version,
+             storage.display(str(out)), scale)
     return StageOutcome(name, "encoded", metrics={"latent_scale": scale, **{
         f"encode/{split}_samples": float(info.num_samples) for split, info in manifest.splits.items()}})
+
+
+def latent_info(latents: Path) -> dict[str, Any]:
+    """``scale.json`` of an encode stage's latents (``{"latent_scale", "autoencoder"}``), wherever they are: a
+    directory, or (named by the manifest `shards.open_dataset` cached for them) a bucket prefix."""
+    from pipeline.data import read_manifest
+
+    root = read_manifest(latents).root or str(latents)
+    return json.loads(storage.read_bytes(storage.join(root, SCALE_FILE)))
 
 
 def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef]) -> StageOutcome:
@@ -271,10 +305,13 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
     from pipeline.stages import StageOutcome, _log_data, log_metrics, redacted_params
 
     (ae_stage, ref), = inputs.items()
-    out = Path(ctx.spec.ray.latent_cache) / f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
-    ctx.latent_dirs[name] = out
-    if (out / "manifest.json").is_file():
-        log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version, out)
+    folder = f"{ref.name}-v{ref.version}-{manifest_sha256(ctx.data_dir)[:12]}"
+    cache = ctx.spec.ray.latent_cache
+    out: Path | str = storage.join(cache, folder) if storage.is_uri(cache) else Path(cache) / folder
+    if storage.file_size(storage.join(str(out), MANIFEST)) is not None:
+        log.info("[%s] latents of %s v%s already cached in %s", name, ref.name, ref.version,
+                 storage.display(str(out)))
+        ctx.latent_dirs[name] = _readable(ctx, out)
         return StageOutcome(name, "cached")
     client = MlflowClient()
     stage = ctx.spec.stages[name]
@@ -286,8 +323,20 @@ def run_encode(ctx: JobContext, name: str, inputs: dict[str, tracking.ModelRef])
         tracking.log_params_flat(run_id, redacted_params(stage.model_dump(mode="json")))
         _log_data(ctx, name, run_id)
         outcome = write_latents(ctx, name, ref, out)
+        ctx.latent_dirs[name] = _readable(ctx, out)
         log_metrics(run_id, outcome.metrics)
         status = "FINISHED"
         return outcome
     finally:
         client.set_terminated(run_id, status)
+
+
+def _readable(ctx: JobContext, out: Path | str) -> Path:
+    """The name the readers take for written latents at `out`: the directory, or for a bucket prefix the
+    manifest that `shards.open_dataset` caches on this machine (its root the prefix)."""
+    from pipeline.data.shards import open_dataset
+
+    if isinstance(out, Path):
+        return out
+    return open_dataset(out, image_size=None, held_out=ctx.spec.data.held_out)
+

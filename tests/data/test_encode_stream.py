@@ -93,6 +93,37 @@ def test_encode_streams_every_key_once_with_the_numpy_scale(ray_local: None, dig
     assert shape == (2, 4, 4) and info == manifest.splits["test"].model_dump()
 
 
+def test_latents_written_into_a_bucket_read_back_through_the_cached_manifest(digits: Path, autoencoder: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.latent_cache in a bucket (moto's S3 server): every actor uploads its shard, the driver writes scale.json
+    and the manifest last; the readers reach the prefix through the manifest `open_dataset` caches here."""
+    from pipeline.data.shards import open_dataset
+    from pipeline.stages.encode import encode_latents, latent_info
+    from tests.servers import s3_server
+
+    with s3_server(tmp_path) as s3:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # before Ray starts: its workers inherit it
+        prefix = f"s3://{s3.bucket}/latents/ae-v1"
+        with local_ray(num_cpus=4):
+            scale, manifest = encode_latents(digits, str(autoencoder), prefix, autoencoder="models:/ae/1",
+                                             batch_size=64, shard_size=200, workers=2)
+        names = [sh.name for sp in manifest.splits.values() for sh in sp.shards]
+        assert sorted(k.removeprefix("latents/ae-v1/") for k in s3.keys("latents/")) == sorted(
+            [*names, "manifest.json", "scale.json"])
+        cached = open_dataset(prefix, image_size=None, held_out=0.15, cache_dir=tmp_path / "cache")
+        assert cached.parent == tmp_path / "cache"  # on this machine, not in the bucket
+        assert read_manifest(cached).splits == manifest.splits and read_manifest(cached).root == prefix
+        assert latent_info(cached) == {"latent_scale": scale, "autoencoder": "models:/ae/1"}
+        ref = _reference(autoencoder, digits, "test")
+        got = load_split(cached, "test")
+        assert Counter(got["key"]) == Counter(list(ref))
+        for key, z in zip(got["key"], got["image"], strict=True):
+            np.testing.assert_allclose(z, ref[key] * scale, rtol=1e-5, atol=1e-5)
+
+
 def test_scale_on_a_bounded_sample_is_the_first_training_samples(ray_local: None, digits: Path, autoencoder: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.stages.encode as encode

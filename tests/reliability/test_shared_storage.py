@@ -48,7 +48,7 @@ def test_every_local_setting_is_one_problem_on_a_cluster(nodes: int, autoscaler:
     assert "mlflow server --artifacts-destination s3://BUCKET/mlflow" in store
     assert latents.startswith("ray.latent_cache: .pipeline/latents (/home/me/work/.pipeline/latents), where the "
                               "encode stage writes")
-    assert "set ray.latent_cache to a directory on a shared mount" in latents
+    assert "set ray.latent_cache to a bucket (s3://BUCKET/latents) or to a directory on a shared mount" in latents
 
 
 @pytest.mark.parametrize("setting, value", [
@@ -68,7 +68,8 @@ def test_each_local_setting_alone_is_refused(setting: str, value: str) -> None:
 @pytest.mark.parametrize("setting, value", [
     ("data_dir", "s3://bucket/shards"), ("data_dir", "gs://bucket/shards"), ("data_dir", "abfss://c@acct/shards"),
     ("storage", "s3://bucket/ray"), ("tracking_uri", "https://user:secret@mlflow.example.com"),
-    ("tracking_uri", "postgresql://mlflow@db:5432/mlflow"), ("tracking_uri", "databricks"), ("latent_cache", None)])
+    ("tracking_uri", "postgresql://mlflow@db:5432/mlflow"), ("tracking_uri", "databricks"), ("latent_cache", None),
+    ("latent_cache", "s3://bucket/latents")])
 def test_uris_and_servers_pass(setting: str, value: str | None) -> None:
     assert problems(autoscaler=True, **{setting: value}) == []
 
@@ -95,7 +96,7 @@ def test_local_path() -> None:
     assert local_path("data/x") == "data/x" and local_path("/abs") == "/abs"
 
 
-def test_shared_mounts_are_absolute_and_the_latent_cache_a_directory() -> None:
+def test_shared_mounts_are_absolute_and_the_latent_cache_a_directory_or_a_uri() -> None:
     raw = yaml.safe_load(yaml.safe_dump(TINY_JOB))
     raw["data"] = {"source": "digits", "dir": "data/digits"}  # built on first use: no shards needed to parse
     assert parse_spec(raw).ray.shared_mounts == []
@@ -108,9 +109,7 @@ def test_shared_mounts_are_absolute_and_the_latent_cache_a_directory() -> None:
     raw["ray"] = {"latent_cache": "/mnt/efs/latents"}
     assert parse_spec(raw).ray.latent_cache == "/mnt/efs/latents"
     raw["ray"] = {"latent_cache": "s3://bucket/latents"}
-    with pytest.raises(SpecError, match=r"ray\.latent_cache.*is a URI; encode stages write their latent shards to a "
-                                        "directory"):
-        parse_spec(raw)
+    assert parse_spec(raw).ray.latent_cache == "s3://bucket/latents"
 
 
 # ----------------------------------------------------------------------------- a real 2-node cluster
