@@ -25,8 +25,11 @@ the shard, a sample one ranged read.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -121,8 +124,43 @@ def _open_tar(path: str) -> tarfile.TarFile:
 
 @lru_cache(maxsize=64)
 def shard_index(path: str, expected: int | None = None, with_labels: bool = False) -> SampleIndex:
-    """Scan a tar's headers (not its data) for where each sample's members lie (``with_labels``: and read its
-    ``.cls`` members, 0 where a sample has none)."""
+    """Where each sample's members lie in a shard (``with_labels``: and its ``.cls`` label, 0 where a sample has
+    none), from its tar headers; a remote shard's index is kept on this node's disk (:func:`node_index`)."""
+    index = node_index(path, with_labels) if storage.is_uri(path) else scan_index(path, with_labels)
+    if expected is not None and len(index.keys) != expected:
+        raise DataError(f"shard {storage.display(path)} holds {len(index.keys)} samples, its manifest says "
+                        f"{expected}; rebuild the dataset")
+    return index
+
+
+INDEX_CACHE = os.path.join(tempfile.gettempdir(), "genpipe-shard-index")  # remote shards' indexes, per node
+
+
+def node_index(path: str, with_labels: bool = False) -> SampleIndex:
+    """A remote shard's index, scanned once per node: the scan (one stream of the whole shard) is kept under
+    INDEX_CACHE by (URI, size, modification time), so this node's other processes read a small file instead."""
+    fs, p = storage.filesystem(path)
+    info = fs.get_file_info(p)
+    stamp = f"{path}|{info.size}|{info.mtime_ns}|{with_labels}"
+    file = os.path.join(INDEX_CACHE, hashlib.sha256(stamp.encode()).hexdigest() + ".json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+        return SampleIndex(tuple(raw["keys"]), tuple({k: (int(o), int(n)) for k, (o, n) in m.items()}
+                                                     for m in raw["members"]), tuple(raw["labels"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not scanned on this node yet (or a torn file): scan it
+    index = scan_index(path, with_labels)
+    os.makedirs(INDEX_CACHE, exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"keys": index.keys, "members": index.members, "labels": index.labels}, f)
+    os.replace(tmp, file)
+    return index
+
+
+def scan_index(path: str, with_labels: bool = False) -> SampleIndex:
+    """Scan a tar's headers (a local one by seeking past the data, a remote one as one stream) for its index."""
     keys: list[str] = []
     seen: set[str] = set()
     members: list[dict[str, tuple[int, int]]] = []
@@ -152,8 +190,6 @@ def shard_index(path: str, expected: int | None = None, with_labels: bool = Fals
     finally:
         if tar is not None and tar.fileobj is not None and storage.is_uri(path):
             tar.fileobj.close()  # a stream tarfile does not close a file object it was given
-    if expected is not None and len(keys) != expected:
-        raise DataError(f"shard {path} holds {len(keys)} samples, its manifest says {expected}; rebuild the dataset")
     return SampleIndex(tuple(keys), tuple(members), tuple(labels) if with_labels else ())
 
 

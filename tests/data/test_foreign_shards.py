@@ -317,6 +317,33 @@ def test_shards_in_a_bucket_read_as_the_same_shards_on_disk(tmp_path: Path, s3_e
     assert not (tmp_path / "unpickled").exists()
 
 
+def test_a_bucket_shard_is_scanned_once_per_node(tmp_path: Path, s3_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.data import stream
+
+    s3 = s3_env
+    write_img2dataset(tmp_path / "a", (4,))
+    upload(s3, tmp_path / "a", "indexed")
+    uri = f"s3://{s3.bucket}/indexed/00000.tar"
+    monkeypatch.setattr(stream, "INDEX_CACHE", str(tmp_path / "index"))
+    stream.shard_index.cache_clear()
+    first = stream.shard_index(uri, 4)
+    assert first == stream.scan_index(str(tmp_path / "a" / "00000.tar"))  # the offsets of the same tar on disk
+    assert len(list((tmp_path / "index").glob("*.json"))) == 1
+
+    def scanned(*_: object) -> None:
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(stream, "scan_index", scanned)
+    stream.shard_index.cache_clear()  # another process of this node: no scan, the same index
+    assert stream.shard_index(uri, 4) == first
+    write_img2dataset(tmp_path / "b", (5,))  # the shard replaced by another: scanned again
+    upload(s3, tmp_path / "b", "indexed")
+    stream.shard_index.cache_clear()
+    with pytest.raises(AssertionError, match="scanned again"):
+        stream.shard_index(uri, 5)
+    stream.shard_index.cache_clear()
+
+
 def test_our_manifest_in_a_bucket_with_the_endpoint_in_the_uri(tmp_path: Path, bucket, digits_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.data.stream import read_samples

@@ -36,7 +36,7 @@ def test_scales_up_for_worker_resource_and_down_when_idle() -> None:
         # (`check_shared_storage`); a head started by hand is not one (test_shared_storage.py)
         from pipeline.stages import cluster_shape
 
-        deadline = time.monotonic() + 20  # the monitor writes its first status within a few update intervals
+        deadline = time.monotonic() + 60  # the monitor writes its first status within a few update intervals
         while cluster_shape() != (1, True) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert cluster_shape() == (1, True)
