@@ -808,12 +808,13 @@ def _check_files(spec: JobSpec, source: str) -> None:
         from pipeline.data.shards import unfinished_build
 
         tars = sorted(p.name for p in Path(spec.data.dir).glob("*.tar"))
-        if not tars or unfinished_build(tars) or spec.data.image_size is None:
+        foreign = bool(tars) and not unfinished_build(tars)  # shards written elsewhere (e.g. by img2dataset)
+        if not foreign or spec.data.image_size is None:
             raise SpecError(
                 f"{source}: data.dir: no shards at '{spec.data.dir}' (manifest.json missing); "
                 "build them with `pipeline data build`"
                 + ("; to train on shards written elsewhere (e.g. by img2dataset), set data.image_size"
-                   if tars and not unfinished_build(tars) else "")
+                   if foreign else "")
             )
 
 

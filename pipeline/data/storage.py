@@ -28,6 +28,16 @@ def is_uri(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 
 
+def local_path(location: str) -> str | None:
+    """The local path a storage location names (a plain path or a `file:` URI), or None for a URI of storage
+    reached over the network (`s3://`, `gs://`, any other `scheme://`)."""
+    if location.startswith("file:"):
+        return location[len("file:"):].removeprefix("//")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
+        return None
+    return location
+
+
 def join(root: str, name: str) -> str:
     """``root/name`` for a local path or a URI (a URI's ``?query`` stays at the end)."""
     if not is_uri(root):

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pipeline import progress, tracking
 from pipeline.config import ClusterError, JobSpec, SamplingSpec, SpecError, flatten, user_error_root, user_message
 from pipeline.data import DataError, build_dataset, load_split, manifest_sha256, read_manifest
 from pipeline.data.shards import expected_chw
+from pipeline.data.storage import local_path
 
 log = logging.getLogger("pipeline")
 
@@ -74,12 +74,12 @@ def ensure_data(spec: JobSpec) -> Path:
     from pipeline.data.shards import MANIFEST, open_dataset
 
     data_dir = Path(spec.data.dir)
-    if storage.file_size(storage.join(spec.data.dir, MANIFEST)) is not None:
+    if spec.data.source != "shards" and storage.file_size(storage.join(spec.data.dir, MANIFEST)) is not None:
         manifest = read_manifest(spec.data.dir)
-        if spec.data.source != "shards" and manifest.source != spec.data.source:
+        if manifest.source != spec.data.source:
             raise DataError(f"{storage.display(spec.data.dir)} holds shards of '{manifest.source}', but the spec's "
                             f"data.source is '{spec.data.source}'; point data.dir elsewhere or remove it")
-        if spec.data.source != "shards" and not storage.is_uri(spec.data.dir):
+        if not storage.is_uri(spec.data.dir):
             return data_dir
     if spec.data.source == "shards" or storage.is_uri(spec.data.dir):
         return open_dataset(spec.data.dir, image_size=spec.data.image_size, held_out=spec.data.held_out)
@@ -154,16 +154,6 @@ def check_store_outlives_ray(spec: JobSpec) -> None:
             "model would be lost. Point MLFLOW_TRACKING_URI (or tracking.uri) at a tracking server, e.g. "
             "ray job submit --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://HOST:5000\"}}' "
             "... (or at sqlite:////PATH/mlflow.db on storage that outlives the cluster)")
-
-
-def local_path(location: str) -> str | None:
-    """The local path a storage location names (a plain path or a `file:` URI), or None for a URI of storage
-    reached over the network (`s3://`, `gs://`, any other `scheme://`)."""
-    if location.startswith("file:"):
-        return location[len("file:"):].removeprefix("//")
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location):
-        return None
-    return location
 
 
 def storage_problems(nodes: int, autoscaler: bool, *, data_dir: str, storage: str, tracking_uri: str,

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import JobSpec, SpecError, apply_overrides, parse_spec, read_yaml
+from pipeline.data.storage import local_path
 
 _DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -222,7 +222,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                         f"(stages: {', '.join(base.stages)})")
     if base.stages[spec.stage].kind == "encode":
         raise SpecError(f"{path}: stage: '{spec.stage}' is an encode stage; a sweep trains a model stage")
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", base.ray.storage) and not base.ray.storage.startswith("file:"):
+    if local_path(base.ray.storage) is None:
         raise SpecError(f"{job_path}: ray.storage: {base.ray.storage} is a URI, but a sweep keeps its state (Tune's "
                         "experiment, the sweep's MLflow run id) in a directory; set ray.storage to a local "
                         "directory, on a mount every node shares (ray.shared_mounts) for a multi-node cluster")

@@ -61,23 +61,32 @@ def ray_auth_disabled() -> None:
 
 
 @contextmanager
+def auth_disabled() -> Iterator[None]:
+    """`ray_auth_disabled()` for the body; RAY_AUTH_MODE as it was afterwards."""
+    saved = os.environ.get("RAY_AUTH_MODE")
+    ray_auth_disabled()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+@contextmanager
 def local_ray(**init_kwargs: Any) -> Iterator[None]:
     """An in-process Ray without token auth (`ray.init(address="local", **init_kwargs)`), progress bars off;
     shut down and RAY_AUTH_MODE restored afterwards."""
     import ray
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    ray_auth_disabled()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+    with auth_disabled():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def corrupt_member(tar_path: Path, suffix: str = ".png", index: int = 0) -> str:

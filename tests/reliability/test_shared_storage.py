@@ -6,15 +6,15 @@ through the command line."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import SpecError, parse_spec
-from pipeline.stages import LATENT_ROOT, local_path, storage_problems
-from tests.reliability.helpers import TINY_JOB, clean_env, ray_auth_disabled, run_pipeline, write_job
+from pipeline.data.storage import local_path
+from pipeline.stages import LATENT_ROOT, storage_problems
+from tests.reliability.helpers import TINY_JOB, auth_disabled, clean_env, run_pipeline, write_job
 
 LOCAL = {"data_dir": "data/digits", "storage": ".pipeline/ray", "tracking_uri": "sqlite:///mlflow.db",
          "latent_cache": ".pipeline/latents"}
@@ -120,19 +120,14 @@ def two_nodes():
     """A Ray cluster of a head and a second node on this machine (no autoscaler, no token auth)."""
     from ray.cluster_utils import Cluster
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    ray_auth_disabled()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+    with auth_disabled():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()
 
 
 @pytest.mark.slow
